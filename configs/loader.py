@@ -1,0 +1,135 @@
+"""Strict loading of run configs: YAML overlays and dotted overrides merged onto the typed defaults.
+
+Merging is OmegaConf's (structured configs: unknown keys and wrong types are refused); this module only
+adds which file a bad key came from, the closest valid key, size presets, value validation, a YAML dump
+that loads back identically, and a stable fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from configs.presets import MODEL_PRESETS
+from configs.schema import ModelConfig, RunConfig
+from configs.validate import validate
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is invalid; the message names it and what was expected."""
+
+
+def _closest_key(schema: type, full_key: str) -> str:
+    """The valid dotted key nearest to `full_key` (same parent), or '' when nothing is close."""
+    parts = full_key.split(".")
+    cls, prefix = schema, []
+    for part in parts[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory()):
+            break
+        cls = type(fields[part].default_factory())
+        prefix.append(part)
+    names = [f.name for f in dataclasses.fields(cls)]
+    match = difflib.get_close_matches(parts[len(prefix)], names, n=1, cutoff=0.5)
+    return ".".join([*prefix, match[0]]) if match else ""
+
+
+def _checked_layer(base: DictConfig, layer: DictConfig, source: str, schema: type) -> None:
+    """Merge `layer` onto a copy of `base` only to raise a ConfigError naming `source` on a bad key/type."""
+    try:
+        OmegaConf.merge(base, layer)
+    except ConfigKeyError as err:
+        key = err.full_key or str(err.key)
+        hint = _closest_key(schema, key)
+        suggestion = f"; did you mean '{hint}'?" if hint else ""
+        raise ConfigError(f"{source}: unknown key '{key}'{suggestion}") from None
+    except OmegaConfBaseException as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"{source}: invalid value for '{err.full_key}': {first}") from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
+    return OmegaConf.create(raw)
+
+
+def load_config(
+    paths: Sequence[str | Path] = (), overrides: Sequence[str] = (), schema: type[C] = RunConfig
+) -> C:
+    """Defaults of `schema`, then each YAML in order, then dotted `key=value` overrides; validated.
+
+    A `preset` (model size) named anywhere fills width/depth/heads beneath the explicit values.
+    """
+    base = OmegaConf.structured(schema)
+    layers: list[DictConfig] = []
+    for path in paths:
+        layer = _read_yaml(Path(path))
+        _checked_layer(base, layer, str(path), schema)
+        layers.append(layer)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. model.depth=12")
+        layer = OmegaConf.from_dotlist([item])
+        _checked_layer(base, layer, f"override '{item}'", schema)
+        layers.append(layer)
+
+    merged = OmegaConf.merge(base, *layers)
+    model_node = merged.model if schema is RunConfig else merged
+    preset = model_node.get("preset", "") if isinstance(model_node, DictConfig) else ""
+    if preset:
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(f"model.preset: unknown preset '{preset}'; expected one of {list(MODEL_PRESETS)}")
+        preset_layer = OmegaConf.create(MODEL_PRESETS[preset])
+        if schema is RunConfig:
+            preset_layer = OmegaConf.create({"model": MODEL_PRESETS[preset]})
+        merged = OmegaConf.merge(base, preset_layer, *layers)
+
+    cfg = OmegaConf.to_object(merged)
+    try:
+        validate(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts/lists (JSON- and YAML-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: str | Path | None = None) -> str:
+    """YAML text of the resolved config (written to `path` when given); `load_config` reads it back equal."""
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def fingerprint(cfg: Any) -> str:
+    """Stable 16-hex-digit hash of a (sub)config's values, for caching stage outputs."""
+    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def model_config(preset: str = "tiny", **overrides: Any) -> ModelConfig:
+    """A validated ModelConfig from a size preset plus field overrides (for code and tests)."""
+    dotted = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    return load_config(overrides=[f"preset={preset}", *dotted], schema=ModelConfig)

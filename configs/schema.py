@@ -1,0 +1,202 @@
+"""The typed run configuration: one dataclass per component, defaults in one place.
+
+Every field carries a one-line docstring (the string literal under it); `docs/CONFIG.md` is generated
+from them. YAML files are overlays merged strictly onto these defaults by `configs.loader`, and
+cross-field rules are checked by `configs.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """The factorized space-time diffusion transformer."""
+
+    preset: str = ""
+    """Size preset (tiny, S, B, L, XL) filling width/depth/heads; explicit values still win."""
+    kind: str = "base"
+    """base, tsr (temporal super-resolution) or ssr (spatial super-resolution)."""
+    in_channels: int = 3
+    """Channels of the video being denoised (3 for RGB pixel space)."""
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    """Spatio-temporal patch (pt, ph, pw)."""
+    width: int = 64
+    """Model width D."""
+    depth: int = 2
+    """Number of transformer blocks."""
+    heads: int = 4
+    """Attention heads; width must be divisible by heads."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of the model width."""
+    text_dim: int = 64
+    """Width of the text-token embeddings fed to cross-attention (the text encoder's output)."""
+    temporal_layers: bool = True
+    """Build temporal attention; false gives an image model whose weights load into a video model."""
+    pos_embed: str = "rope"
+    """Positions: rope (factorized 2-D spatial + 1-D temporal rotary) or sincos (factorized absolute)."""
+    attention_backend: str = "auto"
+    """xformers, sdpa, naive, or auto (xformers when importable and on CUDA, else sdpa)."""
+    attention_max_batch: int = 32768
+    """Largest batch per attention kernel call; larger batches (e.g. B·S temporal) are chunked."""
+    max_fps: float = 120.0
+    """Largest frame rate the fps embedding is scaled for."""
+
+
+@dataclass
+class TextConfig:
+    """The text encoder producing cross-attention tokens."""
+
+    encoder: str = "byte"
+    """byte (built-in byte-level transformer, trained jointly) or t5 (frozen, from t5_path)."""
+    t5_path: str = ""
+    """Local directory of a Hugging Face T5 encoder and tokenizer (nothing is downloaded)."""
+    max_length: int = 64
+    """Maximum text tokens per prompt."""
+    width: int = 64
+    """Width of the byte-level encoder (ignored for t5, whose width is its d_model)."""
+    depth: int = 2
+    """Layers of the byte-level encoder."""
+    heads: int = 4
+    """Heads of the byte-level encoder."""
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule, parameterization, loss and sampling."""
+
+    prediction: str = "v"
+    """What the model predicts: v (default, as in Imagen Video), eps or x0."""
+    logsnr_min: float = -15.0
+    """Log-SNR at t = 1 before the shift."""
+    logsnr_max: float = 15.0
+    """Log-SNR at t = 0 before the shift."""
+    shift_reference_numel: int = 0
+    """T·H·W at which the schedule is unshifted; 0 disables the resolution/length shift."""
+    loss_weighting: str = "none"
+    """none or min_snr."""
+    min_snr_gamma: float = 5.0
+    """γ of Min-SNR weighting."""
+    sampler: str = "ddim"
+    """ddpm, ddim or dpmpp_2m."""
+    steps: int = 50
+    """Sampling steps."""
+    eta: float = 0.0
+    """DDIM η (0 deterministic, 1 ancestral)."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance weight (1 disables guidance)."""
+    guidance_schedule: str = "constant"
+    """constant or oscillating (Imagen Video: alternate high/low weights early in sampling)."""
+    guidance_low: float = 1.0
+    """The low weight of the oscillating schedule."""
+    dynamic_threshold: float = 0.0
+    """Percentile for Imagen dynamic thresholding of x0 predictions; 0 disables."""
+    cond_aug_max: float = 0.5
+    """Super-resolution: largest conditioning-augmentation level drawn in training."""
+    cond_aug_level: float = 0.1
+    """Super-resolution: fixed conditioning-augmentation level used at sampling."""
+
+
+@dataclass
+class DataConfig:
+    """Clip geometry and loading."""
+
+    frames: int = 8
+    """Frames per clip T (1 = images)."""
+    height: int = 32
+    """Frame height H in pixels."""
+    width: int = 32
+    """Frame width W in pixels."""
+    fps: float = 8.0
+    """Target frame rate of the clips."""
+    shards: str = ""
+    """Directory of preprocessed webdataset shards."""
+    batch_size: int = 2
+    """Micro-batch size per rank."""
+    num_workers: int = 0
+    """Data-loader worker processes per rank."""
+    image_fraction: float = 0.0
+    """Share of each batch filled with images packed along the frame axis (joint image-video)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and checkpointing."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    warmup_steps: int = 100
+    """Linear warm-up steps before cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    ema_decay: float = 0.9999
+    """EMA decay of the weights (kept in fp32)."""
+    text_dropout: float = 0.1
+    """Probability of dropping the text to the null embedding (classifier-free guidance)."""
+    seed: int = 0
+    """Global random seed."""
+    out_dir: str = "runs/default"
+    """Where checkpoints, logs and weights go."""
+    log_every: int = 10
+    """Steps between metric log lines."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 3
+    """How many committed checkpoints to keep."""
+
+
+@dataclass
+class ParallelConfig:
+    """How training is distributed and what precision it uses."""
+
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16."""
+    grad_accum: int = 1
+    """Gradient-accumulation steps."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass to save memory."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on the CPU (ZeRO-Offload)."""
+    deepspeed_config: str = ""
+    """Optional user DeepSpeed JSON, checked against this config."""
+
+
+@dataclass
+class RenderConfig:
+    """Offline rendering."""
+
+    out_dir: str = "renders"
+    """Where videos and sidecars go."""
+    seed: int = 0
+    """Sampling seed."""
+    batch_size: int = 1
+    """Prompts sampled together per stage."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run: every component's config."""
+
+    name: str = "run"
+    """Run name, used in output paths."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The diffusion transformer."""
+    text: TextConfig = field(default_factory=TextConfig)
+    """The text encoder."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Schedule, loss and sampler."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Clip geometry and loading."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization and checkpointing."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Distribution and precision."""
+    render: RenderConfig = field(default_factory=RenderConfig)
+    """Offline rendering."""

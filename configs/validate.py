@@ -1,0 +1,149 @@
+"""Value checks run at load time, so a bad config fails before any work starts.
+
+Each failure raises ValueError naming the dotted field, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from configs.schema import (
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    TextConfig,
+    TrainConfig,
+)
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.kind": ("base", "tsr", "ssr"),
+    "model.pos_embed": ("rope", "sincos"),
+    "model.attention_backend": ("auto", "xformers", "sdpa", "naive"),
+    "text.encoder": ("byte", "t5"),
+    "diffusion.prediction": ("v", "eps", "x0"),
+    "diffusion.loss_weighting": ("none", "min_snr"),
+    "diffusion.sampler": ("ddpm", "ddim", "dpmpp_2m"),
+    "diffusion.guidance_schedule": ("constant", "oscillating"),
+    "parallel.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+def _choice(name: str, value: str) -> None:
+    allowed = CHOICES[name]
+    if value not in allowed:
+        raise ValueError(f"{name}: unknown value '{value}'; expected one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}: got {value}, expected {bound}")
+
+
+def _unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: got {value}, expected a value in [0, 1]")
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    """Sizes positive, heads divide the width, rotary dims even, enums known."""
+    _choice("model.kind", m.kind)
+    _choice("model.pos_embed", m.pos_embed)
+    _choice("model.attention_backend", m.attention_backend)
+    if len(m.patch_size) != 3:
+        raise ValueError(f"{prefix}.patch_size: got {m.patch_size}, expected three sizes [pt, ph, pw]")
+    for i, p in enumerate(m.patch_size):
+        _positive(f"{prefix}.patch_size[{i}]", p)
+    for name in ("in_channels", "width", "depth", "heads", "text_dim", "attention_max_batch", "mlp_ratio"):
+        _positive(f"{prefix}.{name}", getattr(m, name))
+    _positive(f"{prefix}.max_fps", m.max_fps)
+    if m.width % m.heads:
+        raise ValueError(f"{prefix}.width: {m.width} is not divisible by {prefix}.heads={m.heads}")
+    head_dim = m.width // m.heads
+    if m.pos_embed == "rope" and head_dim % 4:
+        raise ValueError(
+            f"{prefix}.width/heads = {head_dim}: rope needs a head dim divisible by 4 (2-D spatial rotary)"
+        )
+    if m.pos_embed == "sincos" and m.width % 8:
+        raise ValueError(f"{prefix}.width: {m.width} must be divisible by 8 for sincos positions")
+
+
+def _validate_text(t: TextConfig) -> None:
+    _choice("text.encoder", t.encoder)
+    for name in ("max_length", "width", "depth", "heads"):
+        _positive(f"text.{name}", getattr(t, name))
+    if t.encoder == "byte" and t.width % t.heads:
+        raise ValueError(f"text.width: {t.width} is not divisible by text.heads={t.heads}")
+    if t.encoder == "t5" and not t.t5_path:
+        raise ValueError("text.t5_path: required when text.encoder=t5 (a local directory; nothing downloads)")
+
+
+def _validate_diffusion(d: DiffusionConfig) -> None:
+    for name in ("prediction", "loss_weighting", "sampler", "guidance_schedule"):
+        _choice(f"diffusion.{name}", getattr(d, name))
+    if d.logsnr_min >= d.logsnr_max:
+        raise ValueError(f"diffusion.logsnr_min ({d.logsnr_min}) must be below logsnr_max ({d.logsnr_max})")
+    _positive("diffusion.steps", d.steps)
+    _positive("diffusion.shift_reference_numel", d.shift_reference_numel, allow_zero=True)
+    _positive("diffusion.min_snr_gamma", d.min_snr_gamma)
+    _positive("diffusion.guidance_scale", d.guidance_scale, allow_zero=True)
+    _positive("diffusion.guidance_low", d.guidance_low, allow_zero=True)
+    _unit_interval("diffusion.eta", d.eta)
+    _unit_interval("diffusion.cond_aug_max", d.cond_aug_max)
+    _unit_interval("diffusion.cond_aug_level", d.cond_aug_level)
+    if d.dynamic_threshold and not 0.5 <= d.dynamic_threshold < 1.0:
+        raise ValueError(f"diffusion.dynamic_threshold: got {d.dynamic_threshold}, expected 0 or [0.5, 1)")
+
+
+def _validate_data(d: DataConfig, m: ModelConfig) -> None:
+    for name in ("frames", "height", "width", "fps", "batch_size"):
+        _positive(f"data.{name}", getattr(d, name))
+    _positive("data.num_workers", d.num_workers, allow_zero=True)
+    _unit_interval("data.image_fraction", d.image_fraction)
+    pt, ph, pw = m.patch_size
+    for name, size, patch, axis in (("frames", d.frames, pt, 0), ("height", d.height, ph, 1), ("width", d.width, pw, 2)):
+        if size % patch:
+            raise ValueError(
+                f"data.{name}={size} is not divisible by model.patch_size[{axis}]={patch} "
+                f"(patch size {list(m.patch_size)} must divide the clip size)"
+            )
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _positive("train.steps", t.steps, allow_zero=True)
+    _positive("train.lr", t.lr)
+    for name in ("warmup_steps", "weight_decay", "grad_clip"):
+        _positive(f"train.{name}", getattr(t, name), allow_zero=True)
+    for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        _positive(f"train.{name}", getattr(t, name))
+    _unit_interval("train.ema_decay", t.ema_decay)
+    _unit_interval("train.text_dropout", t.text_dropout)
+
+
+def _validate_parallel(p: ParallelConfig) -> None:
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallel.zero_stage: got {p.zero_stage}, expected 0, 1, 2 or 3")
+    _choice("parallel.precision", p.precision)
+    _positive("parallel.grad_accum", p.grad_accum)
+
+
+def validate(cfg: Any) -> None:
+    """Check a RunConfig (every section and the rules between them) or a lone ModelConfig."""
+    if isinstance(cfg, ModelConfig):
+        validate_model(cfg)
+        return
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"cannot validate {type(cfg).__name__}")
+    validate_model(cfg.model)
+    _validate_text(cfg.text)
+    _validate_diffusion(cfg.diffusion)
+    _validate_data(cfg.data, cfg.model)
+    _validate_train(cfg.train)
+    _validate_parallel(cfg.parallel)
+    if cfg.text.encoder == "byte" and cfg.model.text_dim != cfg.text.width:
+        raise ValueError(
+            f"model.text_dim={cfg.model.text_dim} must equal text.width={cfg.text.width} "
+            "(the byte encoder's output feeds cross-attention)"
+        )
