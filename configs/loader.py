@@ -96,7 +96,9 @@ def load_config(
     preset = model_node.get("preset", "") if isinstance(model_node, DictConfig) else ""
     if preset:
         if preset not in MODEL_PRESETS:
-            raise ConfigError(f"model.preset: unknown preset '{preset}'; expected one of {list(MODEL_PRESETS)}")
+            raise ConfigError(
+                f"model.preset: unknown preset '{preset}'; expected one of {list(MODEL_PRESETS)}"
+            )
         preset_layer = OmegaConf.create(MODEL_PRESETS[preset])
         if schema is RunConfig:
             preset_layer = OmegaConf.create({"model": MODEL_PRESETS[preset]})

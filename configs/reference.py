@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+from itertools import pairwise
 
 from configs import schema
 from configs.schema import RunConfig
@@ -18,8 +19,12 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+    for node, nxt in pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
             docs[node.target.id] = str(nxt.value.value).strip()  # type: ignore[attr-defined]
     return docs
 
@@ -46,7 +51,12 @@ def render() -> str:
             continue
         cls = type(section)
         docs = field_docs(cls)
-        lines += [f"## `{top.name}` — {inspect.getdoc(cls)}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+        lines += [
+            f"## `{top.name}` — {inspect.getdoc(cls)}",
+            "",
+            "| field | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
         for f in dataclasses.fields(cls):
             lines.append(f"| `{top.name}.{f.name}` | `{f.type}` | `{_default(f)}` | {docs.get(f.name, '')} |")
         lines.append("")

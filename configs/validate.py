@@ -103,7 +103,11 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     _unit_interval("data.image_fraction", d.image_fraction)
     pt, ph, pw = m.patch_size
-    for name, size, patch, axis in (("frames", d.frames, pt, 0), ("height", d.height, ph, 1), ("width", d.width, pw, 2)):
+    for name, size, patch, axis in (
+        ("frames", d.frames, pt, 0),
+        ("height", d.height, ph, 1),
+        ("width", d.width, pw, 2),
+    ):
         if size % patch:
             raise ValueError(
                 f"data.{name}={size} is not divisible by model.patch_size[{axis}]={patch} "

@@ -110,7 +110,11 @@ class DiTBlock(nn.Module):
             h = modulate(self.norm_t(x), shift_t, scale_t, tp)
             h = rearrange(h, "B (T S) D -> (B S) T D", T=tp)
             h = self.temporal_attn(
-                h, ctx.backend, rope=ctx.temporal_rope, segments=ctx.temporal_segments, max_batch=ctx.max_batch
+                h,
+                ctx.backend,
+                rope=ctx.temporal_rope,
+                segments=ctx.temporal_segments,
+                max_batch=ctx.max_batch,
             )
             h = rearrange(h, "(B S) T D -> B (T S) D", B=batch)
             if ctx.temporal_keep is not None:
@@ -204,7 +208,9 @@ class VideoDiT(nn.Module):
         if text_mask is None:
             return torch.ones(text.shape[:-1], dtype=torch.bool, device=text.device)
         if text_mask.shape != text.shape[:-1]:
-            raise ValueError(f"text_mask: expected shape {tuple(text.shape[:-1])}, got {tuple(text_mask.shape)}")
+            raise ValueError(
+                f"text_mask: expected shape {tuple(text.shape[:-1])}, got {tuple(text_mask.shape)}"
+            )
         return text_mask.bool()
 
     def backend_for(self, device: torch.device) -> Backend:
@@ -243,7 +249,9 @@ class VideoDiT(nn.Module):
             raise ValueError(f"per-frame inputs need patch_size[0] == 1, got patch size {self.patch}")
         t = _per_frame(t, batch, "t", frames)
         text_mask = self._check_text(text, text_mask, batch, frames)
-        fps = _per_frame(fps if fps is not None else torch.zeros(batch, device=x.device), batch, "fps", frames)
+        fps = _per_frame(
+            fps if fps is not None else torch.zeros(batch, device=x.device), batch, "fps", frames
+        )
         if segments is not None and segments.shape != (batch, frames):
             raise ValueError(f"segments: expected shape ({batch}, {frames}), got {tuple(segments.shape)}")
         if self.is_sr:
@@ -268,7 +276,9 @@ class VideoDiT(nn.Module):
         tokens = self.patch_embed(patchify(inp, self.patch))
         ctx = self._context(x, (tp, hp, wp), segments, text, text_mask)
         if self.config.pos_embed == "sincos":
-            positions = frame_positions(segments) if segments is not None else torch.arange(tp, device=x.device)
+            positions = (
+                frame_positions(segments) if segments is not None else torch.arange(tp, device=x.device)
+            )
             positions = positions.expand(batch, tp)
             tokens = tokens + sincos_table(positions, hp, wp, self.config.width).to(tokens.dtype)
 
@@ -329,7 +339,8 @@ class VideoDiT(nn.Module):
         not_temporal = [k for k in missing if ".temporal_" not in k]
         if not_temporal or unexpected:
             raise ValueError(
-                f"weights do not match the model config: missing {not_temporal[:8]}, unexpected {unexpected[:8]}"
+                f"weights do not match the model config: missing {not_temporal[:8]}, "
+                f"unexpected {unexpected[:8]}"
             )
 
     def save_pretrained(self, directory: str | Path, weights_name: str = WEIGHTS_NAME) -> Path:

@@ -62,13 +62,24 @@ def forward_flops(cfg: ModelConfig, frames: int, height: int, width: int, text_t
     conditioning = embedders * (mm(1, freq, d) + mm(1, d, d)) + mm(1, dt, d)  # + pooled text
     text = mm(length, dt, d) + mm(length, d, d)
     per_block = (
-        mm(n, d, 3 * d) + mm(n, d, d)  # spatial qkv, out
+        mm(n, d, 3 * d)
+        + mm(n, d, d)  # spatial qkv, out
         + (mm(n, d, 3 * d) + mm(n, d, d) + mm(1, d, 2 * d) if temporal else 0)  # temporal (+ modulation)
-        + mm(n, d, d) + mm(length, d, 2 * d) + mm(n, d, d)  # cross q, kv, out
-        + mm(n, d, hidden) + mm(n, hidden, d)  # MLP
+        + mm(n, d, d)
+        + mm(length, d, 2 * d)
+        + mm(n, d, d)  # cross q, kv, out
+        + mm(n, d, hidden)
+        + mm(n, hidden, d)  # MLP
         + mm(1, d, 6 * d)  # adaLN modulation
     )
-    linear = conditioning + text + mm(n, patch_in, d) + cfg.depth * per_block + mm(1, d, 2 * d) + mm(n, d, patch_out)
+    linear = (
+        conditioning
+        + text
+        + mm(n, patch_in, d)
+        + cfg.depth * per_block
+        + mm(1, d, 2 * d)
+        + mm(n, d, patch_out)
+    )
     return FlopCount(
         linear=linear,
         spatial_attention=cfg.depth * 4 * n * s * d,
@@ -79,9 +90,9 @@ def forward_flops(cfg: ModelConfig, frames: int, height: int, width: int, text_t
 
 def parameter_count(cfg: ModelConfig) -> int:
     """Trainable parameters of the model a config builds (without building it)."""
-    from models.dit import VideoDiT  # local import: building on the meta device needs the class
-
     import torch
+
+    from models.dit import VideoDiT  # local import: building on the meta device needs the class
 
     with torch.device("meta"):
         model = VideoDiT(cfg)

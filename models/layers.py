@@ -43,7 +43,9 @@ def unpatchify(tokens: Tensor, grid: tuple[int, int, int], patch: tuple[int, int
 def sinusoidal_embedding(values: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """(...,) scalars → (..., dim) sin/cos features at geometric frequencies."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=values.device, dtype=torch.float32) / half
+    )
     angles = values.float()[..., None] * freqs
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
@@ -88,7 +90,9 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor, frames: int) -> Tensor:
 
 def gate(x: Tensor, g: Tensor, frames: int) -> Tensor:
     """Multiply tokens x (B, T'·S, D) by a per-sample or per-frame gate (B, 1 | T', D)."""
-    return rearrange(rearrange(x, "B (T S) D -> B T S D", T=frames) * g[:, :, None, :], "B T S D -> B (T S) D")
+    return rearrange(
+        rearrange(x, "B (T S) D -> B T S D", T=frames) * g[:, :, None, :], "B T S D -> B (T S) D"
+    )
 
 
 class Mlp(nn.Module):

@@ -42,7 +42,10 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     d, m = cfg.data, cfg.model
     flops = forward_flops(m, d.frames, d.height, d.width, cfg.text.max_length)
     rows = [
-        ("model", f"{m.kind}, width {m.width}, depth {m.depth}, heads {m.heads}, patch {tuple(m.patch_size)}"),
+        (
+            "model",
+            f"{m.kind}, width {m.width}, depth {m.depth}, heads {m.heads}, patch {tuple(m.patch_size)}",
+        ),
         ("parameters", f"{parameter_count(m) / 1e6:.2f} M"),
         ("input", f"{d.frames}×{d.height}×{d.width} (T×H×W), {cfg.text.max_length} text tokens"),
         ("forward GFLOPs/sample", f"{flops.total / 1e9:.3f}"),
@@ -73,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.func is None:
-        print(f"pipeline {args.command}: not yet available — it lands with the {args.issue} issue.", file=sys.stderr)
+        print(
+            f"pipeline {args.command}: not yet available — it lands with the {args.issue} issue.",
+            file=sys.stderr,
+        )
         return 3
     try:
         return args.func(args)

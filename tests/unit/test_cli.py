@@ -26,7 +26,10 @@ def test_config_errors_exit_2_with_message(capsys):
 
 
 def test_model_info(capsys):
-    assert main(["model-info", "model.preset=XL", "model.patch_size=[1,4,4]", "data.height=64", "data.width=64"]) == 0
+    assert (
+        main(["model-info", "model.preset=XL", "model.patch_size=[1,4,4]", "data.height=64", "data.width=64"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "width 1152, depth 28, heads 16" in out and "temporal_attention" in out
 
@@ -37,7 +40,9 @@ def test_commands_not_landed_say_so(capsys):
 
 
 def test_launch_sh_help_and_demo_placeholder():
-    help_text = subprocess.run([ROOT / "launch.sh", "--help"], capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [ROOT / "launch.sh", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for command in ("setup", "test", "demo", "preprocess", "train", "render", "ray-head", "slurm"):
         assert command in help_text
     demo = subprocess.run([ROOT / "launch.sh", "demo"], capture_output=True, text=True)

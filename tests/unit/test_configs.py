@@ -45,7 +45,10 @@ def test_unknown_key_names_key_file_and_closest(tmp_path):
     [
         ("model.width=-8", r"model.width: got -8, expected > 0"),
         ("model.patch_size=[1,3,3]", r"data.height=32 is not divisible by model.patch_size\[1\]=3"),
-        ("model.attention_backend=flash", r"model.attention_backend: unknown value 'flash'; expected one of auto"),
+        (
+            "model.attention_backend=flash",
+            r"model.attention_backend: unknown value 'flash'; expected one of auto",
+        ),
         ("model.depth=abc", r"invalid value for 'model.depth'"),
         ("model.heads=5", r"model.width: 64 is not divisible by model.heads=5"),
         ("parallel.zero_stage=4", r"parallel.zero_stage: got 4"),

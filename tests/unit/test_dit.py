@@ -158,7 +158,9 @@ def test_image_model_loads_into_video_model(tmp_path):
     image_model = _model(temporal_layers=False)
     image_model.save_pretrained(tmp_path / "image")
     video_model = VideoDiT.from_pretrained(tmp_path / "image", overrides=("temporal_layers=true",)).eval()
-    assert video_model.config.temporal_layers and any("temporal_attn" in n for n, _ in video_model.named_parameters())
+    assert video_model.config.temporal_layers and any(
+        "temporal_attn" in n for n, _ in video_model.named_parameters()
+    )
     x, t, text, mask, fps = _inputs(frames=1)
     torch.testing.assert_close(
         video_model(x, t, text=text, text_mask=mask, fps=fps),
@@ -190,7 +192,7 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
         atol=0,
         rtol=0,
     )
-    with pytest.raises(FileNotFoundError, match="config.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"config\.yaml"):
         VideoDiT.from_pretrained(tmp_path / "missing")
     other = _model(width=32, heads=2)
     other.save_pretrained(tmp_path / "other")
@@ -204,7 +206,7 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
 
 def test_bad_inputs_raise_before_compute():
     model = _model()
-    x, t, text, mask, fps = _inputs()
+    x, t, text, _, _ = _inputs()
     with pytest.raises(ValueError, match=r"5-D tensor \(B, C, T, H, W\), got shape \(3, 4, 8, 8\)"):
         model(x[0], t, text=text)
     with pytest.raises(ValueError, match=r"expected 3 channels .* got shape \(2, 4, 4, 8, 8\)"):

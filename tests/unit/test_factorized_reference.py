@@ -57,10 +57,18 @@ def _self_attention(attn, seq, angles):
     qkv = [w @ tok + b for tok in seq]  # L × (3D,)
     out_heads = []
     for h in range(heads):
-        q = torch.stack([_rotate(_rmsnorm(v[h * dh : (h + 1) * dh], attn.q_norm.weight.double()), a)
-                         for v, a in zip(qkv, angles)])
-        k = torch.stack([_rotate(_rmsnorm(v[dim + h * dh : dim + (h + 1) * dh], attn.k_norm.weight.double()), a)
-                         for v, a in zip(qkv, angles)])
+        q = torch.stack(
+            [
+                _rotate(_rmsnorm(v[h * dh : (h + 1) * dh], attn.q_norm.weight.double()), a)
+                for v, a in zip(qkv, angles)
+            ]
+        )
+        k = torch.stack(
+            [
+                _rotate(_rmsnorm(v[dim + h * dh : dim + (h + 1) * dh], attn.k_norm.weight.double()), a)
+                for v, a in zip(qkv, angles)
+            ]
+        )
         vv = torch.stack([v[2 * dim + h * dh : 2 * dim + (h + 1) * dh] for v in qkv])
         out_heads.append(_attend(q, k, vv))
     merged = torch.cat(out_heads, dim=-1)
@@ -94,8 +102,9 @@ def reference_block(block: DiTBlock, x, c, text, mask, grid):
     dh = dim // block.spatial_attn.heads
     mods = (F.silu(c) @ block.modulation.weight.double().T + block.modulation.bias.double()).chunk(6, -1)
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
-    tmods = (F.silu(c) @ block.temporal_modulation.weight.double().T
-             + block.temporal_modulation.bias.double()).chunk(2, -1)
+    tmods = (
+        F.silu(c) @ block.temporal_modulation.weight.double().T + block.temporal_modulation.bias.double()
+    ).chunk(2, -1)
     spatial_angles = [
         torch.cat([r * _freqs(dh // 4), col * _freqs(dh // 4)]) for r in range(hp) for col in range(wp)
     ]
@@ -133,9 +142,16 @@ def test_block_equals_loop_reference():
     c = torch.randn(batch, cfg.width, dtype=torch.float64)
     text = torch.randn(batch, length, cfg.width, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
-    ctx = model._context(torch.zeros(batch, 3, 3, 4, 6, dtype=torch.float64), grid, None,
-                         torch.zeros(batch, length, cfg.text_dim, dtype=torch.float64), mask)
+    ctx = model._context(
+        torch.zeros(batch, 3, 3, 4, 6, dtype=torch.float64),
+        grid,
+        None,
+        torch.zeros(batch, length, cfg.text_dim, dtype=torch.float64),
+        mask,
+    )
     ctx.text = text  # feed the projected tokens directly, as the reference does
     got = block(x, c[:, None], ctx)
     expected = reference_block(block, x.reshape(batch, tp, hp * wp, cfg.width), c, text, mask, grid)
-    torch.testing.assert_close(got, expected.reshape(batch, -1, cfg.width), atol=1e-5, rtol=1e-4)  # rotary tables are float32
+    torch.testing.assert_close(
+        got, expected.reshape(batch, -1, cfg.width), atol=1e-5, rtol=1e-4
+    )  # rotary tables are float32

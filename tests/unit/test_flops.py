@@ -28,7 +28,8 @@ def test_attention_hand_counts():
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, {"kind": "ssr"}, {"temporal_layers": False}, {"patch_size": [2, 2, 2], "mlp_ratio": 2.0}]
+    "overrides",
+    [{}, {"kind": "ssr"}, {"temporal_layers": False}, {"patch_size": [2, 2, 2], "mlp_ratio": 2.0}],
 )
 def test_matches_torch_flop_counter(overrides):
     """torch counts every matmul of a real forward (naive attention is plain matmuls): totals agree."""
@@ -44,7 +45,11 @@ def test_matches_torch_flop_counter(overrides):
 def test_parameter_count_matches_model_and_presets():
     cfg = model_config("tiny")
     assert parameter_count(cfg) == sum(p.numel() for p in VideoDiT(cfg).parameters())
-    assert parameter_count(model_config("XL")) > parameter_count(model_config("L")) > parameter_count(model_config("B"))
+    assert (
+        parameter_count(model_config("XL"))
+        > parameter_count(model_config("L"))
+        > parameter_count(model_config("B"))
+    )
 
 
 def test_bad_grid():
