@@ -75,6 +75,7 @@ class Sampler:
                 raise ValueError("timesteps must be strictly descending times in (0, 1]")
             self.timesteps = ts
         self.num_steps = len(self.timesteps)
+        self.reset()
 
     def reset(self) -> None:
         """Forget any state kept between steps; call before a new sampling run (no-op if stateless)."""
@@ -206,17 +207,6 @@ class DPMSolverPP2MSampler(Sampler):
     after the final step; call `reset()` when abandoning a run midway. If steps are taken out of order
     the update falls back to first order instead of mixing in a stale prediction.
     """
-
-    def __init__(
-        self,
-        schedule: CosineSchedule,
-        num_steps: int,
-        prediction: Prediction = "v",
-        thresholding: Callable[[Tensor], Tensor] | None = None,
-        timesteps: Tensor | None = None,
-    ) -> None:
-        super().__init__(schedule, num_steps, prediction, thresholding, timesteps)
-        self.reset()
 
     def reset(self) -> None:
         """Drop the stored previous x0 prediction (start of a new sampling run)."""

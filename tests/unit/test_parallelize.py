@@ -6,9 +6,9 @@ import copy
 
 import torch
 
-from configs import model_config
+from configs import ParallelConfig, model_config
 from models.dit import VideoDiT
-from stages.parallelize import apply_activation_checkpointing
+from stages.parallelize import apply_activation_checkpointing, parallelize_model
 
 
 def test_activation_checkpointing_is_transparent():
@@ -31,3 +31,11 @@ def test_activation_checkpointing_is_transparent():
     for (name, p), q in zip(model.named_parameters(), wrapped.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
     wrapped.load_state_dict(model.state_dict())  # keys line up both ways
+
+
+def test_parallelize_model_follows_the_config():
+    model = VideoDiT(model_config("tiny"))
+    parallelize_model(model, ParallelConfig(activation_checkpointing=False))
+    assert all(type(b).__name__ == "DiTBlock" for b in model.blocks)
+    parallelize_model(model, ParallelConfig(activation_checkpointing=True))
+    assert all(type(b).__name__ == "CheckpointWrapper" for b in model.blocks)
