@@ -13,7 +13,7 @@ channels and the conditioning-augmentation level as extra conditioning.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from models.layers import (
     unpatchify,
 )
 from models.positions import frame_positions, sincos_table, spatial_rope, temporal_rope
+from models.text import TextEmbeddings, pooled
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
@@ -265,9 +266,9 @@ class VideoDiT(nn.Module):
         # conditioning vector c: (B, 1 | T', D)
         if drop_text is not None:
             text, text_mask = self._drop_text(text, text_mask, drop_text.bool())
-        pooled = (text * text_mask[..., None]).sum(-2) / text_mask.sum(-1, keepdim=True).clamp(min=1)
-        pooled = pooled[:, None] if pooled.dim() == 2 else pooled  # (B, 1 | T', text_dim)
-        c = self.time_embed(t) + self.fps_embed(fps) + self.text_pool(pooled)
+        pooled_text = pooled(TextEmbeddings(text, text_mask))  # (B, text_dim) or (B, T', text_dim)
+        pooled_text = pooled_text[:, None] if pooled_text.dim() == 2 else pooled_text  # (B, 1 | T', text_dim)
+        c = self.time_embed(t) + self.fps_embed(fps) + self.text_pool(pooled_text)
         if self.aug_embed is not None:
             c = c + self.aug_embed(cond_aug)
 
@@ -367,8 +368,3 @@ class VideoDiT(nn.Module):
         model = cls(config)
         model.load_weights(load_file(directory / weights_name))
         return model
-
-
-def image_config(config: ModelConfig) -> ModelConfig:
-    """The image-model twin of a video model config (no temporal layers)."""
-    return replace(config, temporal_layers=False)

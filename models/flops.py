@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import torch
+
 from configs.schema import ModelConfig
+from models.dit import VideoDiT
 from models.layers import ScalarEmbedder
 
 
@@ -89,11 +92,7 @@ def forward_flops(cfg: ModelConfig, frames: int, height: int, width: int, text_t
 
 
 def parameter_count(cfg: ModelConfig) -> int:
-    """Trainable parameters of the model a config builds (without building it)."""
-    import torch
-
-    from models.dit import VideoDiT  # local import: building on the meta device needs the class
-
+    """Trainable parameters of the model a config builds (on the meta device: no memory, no init)."""
     with torch.device("meta"):
         model = VideoDiT(cfg)
     return sum(p.numel() for p in model.parameters())

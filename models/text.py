@@ -38,10 +38,10 @@ class TextEmbeddings:
 
 
 def pooled(emb: TextEmbeddings) -> Tensor:
-    """Masked mean over real tokens, (B, D): a global prompt vector for adaLN-style conditioning."""
-    weights = emb.mask.to(emb.tokens.dtype).unsqueeze(-1)  # (B, L, 1)
-    total = (emb.tokens * weights).sum(dim=1)  # (B, D)
-    return total / weights.sum(dim=1).clamp(min=1.0)  # (B, D)
+    """Masked mean over real tokens, (..., L, D) → (..., D): a global prompt vector for adaLN conditioning."""
+    weights = emb.mask.to(emb.tokens.dtype).unsqueeze(-1)  # (..., L, 1)
+    total = (emb.tokens * weights).sum(dim=-2)  # (..., D)
+    return total / weights.sum(dim=-2).clamp(min=1.0)
 
 
 def _check_prompts(prompts: list[str]) -> None:

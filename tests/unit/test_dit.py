@@ -221,3 +221,16 @@ def test_bad_inputs_raise_before_compute():
         _model(kind="ssr")(x, t, text=text)
     with pytest.raises(ValueError, match="patch_size"):
         _model(patch_size=[2, 2, 2])(x, torch.rand(2, 4), text=text)
+
+
+def test_byte_text_encoder_feeds_the_model_and_trains_jointly():
+    from models.text import ByteTextEncoder
+
+    torch.manual_seed(0)
+    encoder = ByteTextEncoder(dim=64, depth=1, heads=4, max_length=32)
+    model = _model()
+    emb = encoder(["a red ball rolls", "snow"])
+    x = torch.randn(2, 3, 2, 8, 8)
+    out = model(x, torch.rand(2), text=emb.tokens, text_mask=emb.mask)
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.any(p.grad != 0) for p in encoder.parameters() if p.requires_grad)
