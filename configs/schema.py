@@ -87,9 +87,11 @@ class DiffusionConfig:
     guidance_scale: float = 4.0
     """Classifier-free guidance weight (1 disables guidance)."""
     guidance_schedule: str = "constant"
-    """constant or oscillating (Imagen Video: alternate high/low weights early in sampling)."""
+    """constant or oscillating (Imagen Video: high weight first, then alternating high/low)."""
     guidance_low: float = 1.0
     """The low weight of the oscillating schedule."""
+    guidance_oscillate_fraction: float = 0.5
+    """Oscillating schedule: share of the (final) steps that alternate high/low; earlier steps stay high."""
     dynamic_threshold: float = 0.0
     """Percentile for Imagen dynamic thresholding of x0 predictions; 0 disables."""
     cond_aug_max: float = 0.5

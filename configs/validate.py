@@ -91,6 +91,7 @@ def _validate_diffusion(d: DiffusionConfig) -> None:
     _positive("diffusion.guidance_scale", d.guidance_scale, allow_zero=True)
     _positive("diffusion.guidance_low", d.guidance_low, allow_zero=True)
     _unit_interval("diffusion.eta", d.eta)
+    _unit_interval("diffusion.guidance_oscillate_fraction", d.guidance_oscillate_fraction)
     _unit_interval("diffusion.cond_aug_max", d.cond_aug_max)
     _unit_interval("diffusion.cond_aug_level", d.cond_aug_level)
     if d.dynamic_threshold and not 0.5 <= d.dynamic_threshold < 1.0:

@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from configs.schema import DiffusionConfig
+
 Prediction = Literal["v", "eps", "x0"]
 PREDICTIONS: tuple[str, ...] = ("v", "eps", "x0")
 
@@ -109,6 +111,12 @@ class CosineSchedule:
     logsnr_min: float = -15.0
     logsnr_max: float = 15.0
     shift: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig, numel: int) -> CosineSchedule:
+        """The configured schedule for samples of `numel` = T·H·W pixels (shifted when configured)."""
+        shift = size_shift(numel, cfg.shift_reference_numel) if cfg.shift_reference_numel else 0.0
+        return cls(logsnr_min=cfg.logsnr_min, logsnr_max=cfg.logsnr_max, shift=shift)
 
     def __post_init__(self) -> None:
         if not self.logsnr_min < self.logsnr_max:

@@ -132,3 +132,16 @@ def test_unknown_prediction_names_it_and_the_valid_ones():
 def test_invalid_logsnr_range():
     with pytest.raises(ValueError, match="logsnr_min"):
         CosineSchedule(logsnr_min=5.0, logsnr_max=-5.0)
+
+
+def test_schedule_from_config_applies_the_size_shift():
+    from configs import DiffusionConfig
+
+    plain = CosineSchedule.from_config(DiffusionConfig(logsnr_min=-10.0, logsnr_max=12.0), numel=16 * 64 * 64)
+    assert (plain.logsnr_min, plain.logsnr_max, plain.shift) == (-10.0, 12.0, 0.0)
+    cfg = DiffusionConfig(shift_reference_numel=64 * 64)
+    shifted = CosineSchedule.from_config(cfg, numel=16 * 64 * 64)
+    assert math.isclose(shifted.shift, -math.log(16))
+    unshifted = CosineSchedule.from_config(DiffusionConfig(), numel=16 * 64 * 64)
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    torch.testing.assert_close(shifted.logsnr(t), unshifted.logsnr(t) - math.log(16))
