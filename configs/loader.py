@@ -92,16 +92,14 @@ def load_config(
         layers.append(layer)
 
     merged = OmegaConf.merge(base, *layers)
-    model_node = merged.model if schema is RunConfig else merged
-    preset = model_node.get("preset", "") if isinstance(model_node, DictConfig) else ""
+    preset = merged.model.preset if schema is RunConfig else merged.preset
     if preset:
         if preset not in MODEL_PRESETS:
             raise ConfigError(
                 f"model.preset: unknown preset '{preset}'; expected one of {list(MODEL_PRESETS)}"
             )
-        preset_layer = OmegaConf.create(MODEL_PRESETS[preset])
-        if schema is RunConfig:
-            preset_layer = OmegaConf.create({"model": MODEL_PRESETS[preset]})
+        values = MODEL_PRESETS[preset]
+        preset_layer = OmegaConf.create({"model": values} if schema is RunConfig else values)
         merged = OmegaConf.merge(base, preset_layer, *layers)
 
     cfg = OmegaConf.to_object(merged)
