@@ -123,6 +123,38 @@ class DataConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """Turning videos and images into patch shards (clip geometry comes from `data`, patches from `model`)."""
+
+    out: str = ""
+    """Output directory (shards/, manifest.json, failures.jsonl, lineage.jsonl)."""
+    split: str = "train"
+    """Split name used in shard file names: {split}-000000.tar."""
+    stride: int = 0
+    """Frames (at the target fps) between clip starts; 0 = data.frames (non-overlapping clips)."""
+    max_clips_per_video: int = 8
+    """Cap on clips taken from one video (0 = no cap)."""
+    scene_cut_threshold: float = 40.0
+    """Mean absolute difference (0-255) of 32×32 grey thumbnails that marks a cut; 0 disables."""
+    resize: str = "crop"
+    """crop (resize the short side, center crop to data.height × data.width) or bucket."""
+    buckets: list[list[int]] = field(default_factory=list)
+    """Aspect-ratio buckets [[H, W], ...] for resize=bucket; each clip goes to the nearest ratio."""
+    min_source_side: int = 8
+    """Inputs whose shorter side is below this many pixels fail as too small."""
+    files_per_shard: int = 16
+    """Input files per shard (a shard is the unit of work and of resume)."""
+    decode_timeout_s: float = 120.0
+    """A file taking longer to decode is killed and recorded as failed."""
+    recycle_after: int = 64
+    """Files a decode process handles before it is replaced (bounds native-memory growth)."""
+    workers: int = 2
+    """Parallel shard writers (Ray actors, or local processes without Ray)."""
+    decoder: str = "auto"
+    """auto (decord, PyAV fallback), decord or pyav."""
+
+
+@dataclass
 class TrainConfig:
     """Optimization and checkpointing."""
 
@@ -196,6 +228,8 @@ class RunConfig:
     """Schedule, loss and sampler."""
     data: DataConfig = field(default_factory=DataConfig)
     """Clip geometry and loading."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """Dataset preprocessing."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimization and checkpointing."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -12,6 +12,7 @@ from configs.schema import (
     DiffusionConfig,
     ModelConfig,
     ParallelConfig,
+    PreprocessConfig,
     RunConfig,
     TextConfig,
     TrainConfig,
@@ -27,6 +28,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.sampler": ("ddpm", "ddim", "dpmpp_2m"),
     "diffusion.guidance_schedule": ("constant", "oscillating"),
     "parallel.precision": ("fp32", "bf16", "fp16"),
+    "preprocess.resize": ("crop", "bucket"),
+    "preprocess.decoder": ("auto", "decord", "pyav"),
 }
 
 
@@ -116,6 +119,26 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
             )
 
 
+def _validate_preprocess(p: PreprocessConfig, m: ModelConfig) -> None:
+    _choice("preprocess.resize", p.resize)
+    _choice("preprocess.decoder", p.decoder)
+    for name in ("stride", "max_clips_per_video", "scene_cut_threshold"):
+        _positive(f"preprocess.{name}", getattr(p, name), allow_zero=True)
+    for name in ("min_source_side", "files_per_shard", "decode_timeout_s", "recycle_after", "workers"):
+        _positive(f"preprocess.{name}", getattr(p, name))
+    if not p.split or not p.split.replace("_", "").isalnum():
+        raise ValueError(f"preprocess.split: got '{p.split}', expected letters, digits or _")
+    if p.resize == "bucket" and not p.buckets:
+        raise ValueError("preprocess.buckets: resize=bucket needs a list of [H, W] buckets")
+    _, ph, pw = m.patch_size
+    for i, bucket in enumerate(p.buckets):
+        if len(bucket) != 2 or min(bucket) <= 0 or bucket[0] % ph or bucket[1] % pw:
+            raise ValueError(
+                f"preprocess.buckets[{i}]: got {bucket}, "
+                f"expected [H, W] > 0 divisible by the patch ({ph}, {pw})"
+            )
+
+
 def _validate_train(t: TrainConfig) -> None:
     _positive("train.steps", t.steps, allow_zero=True)
     _positive("train.lr", t.lr)
@@ -145,6 +168,7 @@ def validate(cfg: Any) -> None:
     _validate_text(cfg.text)
     _validate_diffusion(cfg.diffusion)
     _validate_data(cfg.data, cfg.model)
+    _validate_preprocess(cfg.preprocess, cfg.model)
     _validate_train(cfg.train)
     _validate_parallel(cfg.parallel)
     if cfg.text.encoder == "byte" and cfg.model.text_dim != cfg.text.width:
