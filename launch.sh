@@ -20,7 +20,8 @@ Commands:
   test [PYTEST...]   setup, ruff, then the test suite (CPU; GPU tests skip without CUDA)
   lint               ruff check and format check
   demo               the end-to-end job on the embedded default (not yet: lands with the pipeline issue)
-  preprocess ...     dataset preprocessing job (not yet: lands with the preprocessing issue)
+  preprocess INPUT... --out DIR [key=value...]   dataset preprocessing job (Ray Data; --local without Ray)
+  synth --out DIR --count N   synthetic captioned videos and images
   train ...          training launch (not yet: lands with the training issue)
   render ...         offline rendering through the cascade (not yet: lands with the cascade issue)
   ray-head, ray-worker HEAD_ADDRESS, slurm ...   cluster launches (not yet: land with the training issue)
@@ -96,7 +97,7 @@ case "$cmd" in
   lint) setup; lint ;;
   python) setup; exec "$(venv_python)" "$@" ;;
   demo) not_yet demo "end-to-end pipeline" ;;
-  preprocess) not_yet preprocess "dataset preprocessing" ;;
+  preprocess | synth) setup; exec "$(venv_python)" -m pipeline "$cmd" "$@" ;;
   train | ray-head | ray-worker | slurm) not_yet "$cmd" "distributed training" ;;
   render) not_yet render "cascade and rendering" ;;
   -h | --help | help) usage ;;

@@ -124,8 +124,9 @@ def dump_config(cfg: Any, path: str | Path | None = None) -> str:
 
 
 def fingerprint(cfg: Any) -> str:
-    """Stable 16-hex-digit hash of a (sub)config's values, for caching stage outputs."""
-    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """Stable 16-hex-digit hash of a (sub)config's values (a dataclass or a plain dict of values)."""
+    values = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

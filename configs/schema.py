@@ -119,7 +119,15 @@ class DataConfig:
     num_workers: int = 0
     """Data-loader worker processes per rank."""
     image_fraction: float = 0.0
-    """Share of each batch filled with images packed along the frame axis (joint image-video)."""
+    """Probability that a batch is packed images (frames of independent images) instead of videos."""
+    images_per_item: int = 0
+    """Images packed along the frame axis of one batch item; 0 = data.frames."""
+    shuffle_buffer: int = 256
+    """Samples held per worker (and kind) in the shuffle buffer."""
+    max_pending: int = 0
+    """Bound on samples waiting in shape buckets before a smaller batch is emitted; 0 = 4 × batch_size."""
+    allow_pipe: bool = False
+    """Allow `pipe:` shard URLs (they run shell commands); off by default."""
 
 
 @dataclass

@@ -104,7 +104,8 @@ def _validate_diffusion(d: DiffusionConfig) -> None:
 def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     for name in ("frames", "height", "width", "fps", "batch_size"):
         _positive(f"data.{name}", getattr(d, name))
-    _positive("data.num_workers", d.num_workers, allow_zero=True)
+    for name in ("num_workers", "images_per_item", "shuffle_buffer", "max_pending"):
+        _positive(f"data.{name}", getattr(d, name), allow_zero=True)
     _unit_interval("data.image_fraction", d.image_fraction)
     pt, ph, pw = m.patch_size
     for name, size, patch, axis in (

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from configs import ConfigError, RunConfig, dump_config, fingerprint, load_config
 
 NOT_YET = {
-    "preprocess": "dataset preprocessing",
     "train": "distributed training",
     "render": "cascade and rendering",
     "upscale": "cascade and rendering",
@@ -57,6 +57,51 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from stages.discover import count_by_kind, discover
+    from stages.preprocess import local_executor, run_preprocess, summary_table
+
+    inputs = [item for item in args.items if "=" not in item]
+    overrides = [item for item in args.items if "=" in item]
+    if args.out:
+        overrides.append(f"preprocess.out={args.out}")
+    cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        items = discover(inputs)
+        for item in items:
+            print(f"{item.kind:<6} {item.id}" + (f"  [{item.error}]" if item.error else ""))
+        for kind, count in count_by_kind(items).items():
+            print(f"# {kind}: {count}")
+        return 0
+    if args.local:
+        executor = local_executor
+    else:
+        from pipeline.ray_preprocess import ray_executor
+
+        executor = ray_executor(args.address)
+    manifest = run_preprocess(cfg, inputs, executor=executor, progress=not args.quiet)
+    print(summary_table(manifest))
+    print(f"wrote {cfg.preprocess.out}/manifest.json, failures.jsonl, lineage.jsonl")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from stages.synth import run_synth
+
+    summary = run_synth(
+        Path(args.out),
+        args.count,
+        frames=args.frames,
+        size=args.size,
+        fps=args.fps,
+        seed=args.seed,
+        image_fraction=args.image_fraction,
+        progress=not args.quiet,
+    )
+    print(f"wrote {summary.videos} videos and {summary.images} images with captions to {summary.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model-info", help="parameters and forward FLOPs of the configured model")
     p.add_argument("config", nargs="*", help="YAML files and key=value overrides, in order")
     p.set_defaults(func=_cmd_model_info)
+    p = sub.add_parser("preprocess", help="videos/images → patch shards (Ray Data; --local without Ray)")
+    p.add_argument(
+        "items", nargs="+", help="inputs (folders, globs, .csv/.jsonl manifests, .tar) and key=value"
+    )
+    p.add_argument("--out", help="output directory (preprocess.out)")
+    p.add_argument("--config", action="append", default=[], help="YAML overlay (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list and count the inputs by kind; decode nothing")
+    p.add_argument("--local", action="store_true", help="run without Ray (threads + decode processes)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process Ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_preprocess)
+    p = sub.add_parser("synth", help="write the synthetic captioned video/image dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--count", type=int, required=True, help="number of files (videos + images)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-fraction", type=float, default=0.25)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_synth)
     for name, issue in NOT_YET.items():
         p = sub.add_parser(name, help=f"(not yet: lands with the {issue} issue)")
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -74,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow the options (`preprocess IN --out DIR a.b=1`)
+        if not hasattr(args, "items") or any("=" not in item or item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.items += extra
     if args.func is None:
         print(
             f"pipeline {args.command}: not yet available — it lands with the {args.issue} issue.",
@@ -85,4 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,28 @@
+"""Connecting to Ray: an in-process local Ray by default, a cluster with `--address` / `RAY_ADDRESS`.
+
+A local Ray started here binds its dashboard to 127.0.0.1 (and does not start it at all unless asked),
+so nothing listens on a public interface by default.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(address: str | None = None, dashboard: bool = False, num_cpus: int | None = None) -> None:
+    """Initialise Ray once for this process: connect to `address` (or $RAY_ADDRESS) or start locally."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=False,
+    )

@@ -1,0 +1,134 @@
+"""Decoding in a child process that can be killed: native decoders (decord is known to) may hang or
+crash inside C code, which no Python `try` can catch. One file at a time goes to the child; a file that
+takes longer than the timeout, or kills the child, becomes a failure and a fresh child takes over.
+Children are also replaced every `recycle_after` files to bound native memory growth.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import tarfile
+import tempfile
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from stages.clips import ClipSpec
+from stages.decode import Clip, DecodeError, decode_file
+from stages.discover import InputItem
+
+DecodeFn = Callable[[Path, ClipSpec], list[Clip]]
+
+
+class DecodeFailure(Exception):
+    """A file that produced no clips: `stage` (discover, open, probe, decode, image, timeout, crash)."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        super().__init__(f"{stage}: {reason}")
+        self.stage, self.reason = stage, reason
+
+
+def _decode_item(item: InputItem, spec: ClipSpec, decode_fn: DecodeFn) -> list[Clip]:
+    """Decode a file on disk, or a tar member through a temporary file of the same extension."""
+    if not item.member:
+        return decode_fn(Path(item.path), spec)
+    with tarfile.open(item.path) as tar:
+        source = tar.extractfile(item.member)
+        if source is None:
+            raise DecodeError(f"{item.id}: not a regular file in the tar", stage="open")
+        suffix = Path(item.member).suffix
+        with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+            tmp.write(source.read())
+            tmp.flush()
+            return decode_fn(Path(tmp.name), spec)
+
+
+def _serve(conn: Connection, spec: ClipSpec, decode_fn: DecodeFn) -> None:
+    """Child loop: receive an item, answer ('ok', clips) or ('error', stage, reason)."""
+    while True:
+        try:
+            item = conn.recv()
+        except EOFError:
+            return
+        if item is None:
+            return
+        try:
+            conn.send(("ok", _decode_item(item, spec, decode_fn)))
+        except DecodeError as err:
+            conn.send(("error", err.stage, err.reason))
+        except Exception as err:  # any Python-level failure of one file stays that file's failure
+            conn.send(("error", "decode", f"{type(err).__name__}: {err}"))
+
+
+class DecodeProcess:
+    """Decodes items in a killable child process with a per-file timeout."""
+
+    def __init__(
+        self, spec: ClipSpec, timeout_s: float, recycle_after: int, decode_fn: DecodeFn = decode_file
+    ) -> None:
+        self.spec = spec
+        self.timeout_s = timeout_s
+        self.recycle_after = recycle_after
+        self.decode_fn = decode_fn
+        self._ctx = mp.get_context("spawn")
+        self._proc: mp.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._handled = 0
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_serve, args=(child, self.spec, self.decode_fn), daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn, self._handled = parent, 0
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.join()
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def decode(self, item: InputItem) -> list[Clip]:
+        """Clips of one item; raises DecodeFailure on a decode error, a timeout or a crashed child."""
+        if item.error:
+            raise DecodeFailure("discover", item.error)
+        if self._proc is None or self._handled >= self.recycle_after:
+            self.close()
+            self._start()
+        assert self._conn is not None and self._proc is not None
+        self._handled += 1
+        self._conn.send(item)
+        if not self._conn.poll(self.timeout_s):
+            self._kill()
+            raise DecodeFailure(
+                "timeout", f"decoding took longer than {self.timeout_s:g}s; the decoder was killed"
+            )
+        try:
+            answer = self._conn.recv()
+        except (EOFError, ConnectionError):
+            self._proc.join()
+            code = self._proc.exitcode
+            self._kill()
+            how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            raise DecodeFailure("crash", f"the decoder process died ({how})") from None
+        if answer[0] == "error":
+            raise DecodeFailure(answer[1], answer[2])
+        return answer[1]
+
+    def close(self) -> None:
+        """Stop the child politely (or kill it if it does not answer)."""
+        if self._conn is not None and self._proc is not None and self._proc.is_alive():
+            try:
+                self._conn.send(None)
+                self._proc.join(timeout=5)
+            except (BrokenPipeError, OSError):
+                pass
+        self._kill()
+
+    def __enter__(self) -> DecodeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

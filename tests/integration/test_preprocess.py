@@ -1,0 +1,229 @@
+"""The preprocessing job end to end: real media, a corpus of bad inputs, killed and resumed runs, Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import load_config
+from stages.preprocess import local_executor, run_preprocess
+from stages.shards import decode_sample, read_shard, sha256_file
+from stages.synth import run_synth
+
+ROOT = Path(__file__).resolve().parents[2]
+MEDIA = Path(os.environ.get("TESSERA_MEDIA", ROOT.parent / "shared" / "media"))
+SMALL = ["data.frames=4", "data.height=16", "data.width=16", "data.fps=4", "model.patch_size=[1,4,4]"]
+
+
+def _cfg(out: Path, *extra: str):
+    return load_config(
+        overrides=[*SMALL, f"preprocess.out={out}", "preprocess.max_clips_per_video=2", *extra]
+    )
+
+
+def _check_accounting(out: Path, manifest: dict) -> list[dict]:
+    """processed + failed == discovered; shards hash as recorded; lineage covers every sample once."""
+    assert manifest["processed"] + manifest["failed"] == manifest["discovered"]
+    assert json.loads((out / "manifest.json").read_text()) == {
+        k: v for k, v in manifest.items() if k not in ("seconds", "resumed")
+    }
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert len(failures) == manifest["failed"]
+    assert all(f["path"] and f["stage"] and f["reason"] for f in failures)
+    keys = []
+    for shard in manifest["shards"]:
+        path = out / "shards" / shard["name"]
+        assert sha256_file(path) == shard["sha256"]
+        members = list(read_shard(path))
+        assert len(members) == shard["samples"]
+        keys += [decode_sample(m).key for m in members]
+    lineage = [json.loads(line) for line in (out / "lineage.jsonl").read_text().splitlines()]
+    assert (
+        sorted(e["key"] for e in lineage) == sorted(keys)
+        and len(set(keys)) == len(keys) == manifest["samples"]
+    )
+    return failures
+
+
+@pytest.mark.skipif(
+    not MEDIA.is_dir(), reason=f"shared media folder not found at {MEDIA} (set TESSERA_MEDIA)"
+)
+def test_every_shared_media_file_produces_samples(tmp_path):
+    out = tmp_path / "out"
+    manifest = run_preprocess(_cfg(out, "preprocess.workers=2"), [str(MEDIA)], progress=False)
+    media = [p for p in MEDIA.iterdir() if p.suffix.lower() not in (".md",)]
+    assert manifest["discovered"] == len(media)
+    failures = _check_accounting(out, manifest)
+    assert failures == [] and manifest["processed"] == len(media)
+    sources = {json.loads(line)["source"] for line in (out / "lineage.jsonl").read_text().splitlines()}
+    assert sources == {str(p.resolve()) for p in media}
+    sample = decode_sample(next(read_shard(out / "shards" / manifest["shards"][0]["name"])))
+    assert sample.frames.dtype.is_floating_point is False and sample.frames.shape[0] == 3
+
+
+def _write_video(path: Path, frames: int, width: int, height: int, codec: str = "libx264") -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            ramp = (np.arange(width) * 4 + 6 * i) % 256  # a slowly sliding ramp: motion, no scene cut
+            image = np.broadcast_to(ramp[None, :, None], (height, width, 3)).astype(np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _write_audio_only(path: Path) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        samples = np.zeros((1, 1024), dtype=np.float32)
+        for _ in range(8):
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def _bad_corpus(folder: Path) -> None:
+    folder.mkdir()
+    good = folder / "good.mp4"
+    _write_video(good, 12, 64, 48)
+    (folder / "good.txt").write_text("a good clip")
+    (folder / "zero.mp4").write_bytes(b"")
+    (folder / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (folder / "text.mp4").write_text("this is not a video\n")
+    _write_audio_only(folder / "audio_only.mp4")
+    _write_video(folder / "one_frame.mp4", 1, 64, 48)
+    _write_video(folder / "tiny.mp4", 8, 2, 2, codec="mpeg4")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 10000, 3), dtype=np.uint8)).save(
+        folder / "wide.png"
+    )
+    png = folder / "corrupt.png"
+    Image.new("RGB", (32, 32), "red").save(png)
+    png.write_bytes(png.read_bytes()[:60])
+    _write_video(folder / "badcaption.mp4", 8, 64, 48)
+    (folder / "badcaption.txt").write_bytes(b"caf\xe9\xff")
+
+
+def test_bad_inputs_become_failure_lines_and_the_job_finishes(tmp_path):
+    _bad_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    cfg = _cfg(out, "preprocess.files_per_shard=3", "preprocess.min_source_side=4")
+    manifest = run_preprocess(cfg, [str(tmp_path / "in")], progress=False)
+    assert manifest["discovered"] == 10
+    failures = {Path(f["path"]).name: f for f in _check_accounting(out, manifest)}
+    expected_failed = {
+        "zero.mp4",
+        "truncated.mp4",
+        "text.mp4",
+        "audio_only.mp4",
+        "tiny.mp4",
+        "corrupt.png",
+        "badcaption.mp4",
+    }
+    assert set(failures) == expected_failed
+    assert (
+        "UTF-8" in failures["badcaption.mp4"]["reason"] and failures["badcaption.mp4"]["stage"] == "discover"
+    )
+    assert "small" in failures["tiny.mp4"]["reason"]
+    lineage = {
+        Path(e["source"]).name for e in map(json.loads, (out / "lineage.jsonl").read_text().splitlines())
+    }
+    assert lineage == {"good.mp4", "one_frame.mp4", "wide.png"}
+    assert manifest["shapes"].get("1x16x16", 0) >= 2  # the 1-frame video and the wide image
+
+
+def _synth_inputs(folder: Path, count: int = 10) -> None:
+    run_synth(folder, count=count, frames=8, size=32, fps=8.0, seed=3, progress=False)
+
+
+def test_killed_run_resumes_to_the_same_bytes(tmp_path):
+    _synth_inputs(tmp_path / "in", count=30)
+    args = [*SMALL, "preprocess.files_per_shard=1", "preprocess.workers=1"]
+    clean = tmp_path / "clean"
+    run_preprocess(
+        load_config(overrides=[*args, f"preprocess.out={clean}"]), [str(tmp_path / "in")], progress=False
+    )
+
+    killed = tmp_path / "killed"
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "preprocess",
+        str(tmp_path / "in"),
+        "--out",
+        str(killed),
+        "--local",
+        "--quiet",
+        *args,
+    ]
+    proc = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while (
+        proc.poll() is None
+        and time.monotonic() < deadline
+        and len(list((killed / "parts").glob("*.json"))) < 2
+    ):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the job and its decode processes, mid-run
+    proc.wait()
+    parts_before = len(list((killed / "parts").glob("*.json")))
+    assert 0 < parts_before < 30, "the kill should land mid-run"
+    assert not (killed / "manifest.json").exists()
+
+    manifest = run_preprocess(
+        load_config(overrides=[*args, f"preprocess.out={killed}"]), [str(tmp_path / "in")], progress=False
+    )
+    assert manifest["resumed"] == parts_before
+    assert (killed / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
+    assert (killed / "lineage.jsonl").read_bytes() == (clean / "lineage.jsonl").read_bytes()
+    for shard in json.loads((clean / "manifest.json").read_text())["shards"]:
+        assert (killed / "shards" / shard["name"]).read_bytes() == (
+            clean / "shards" / shard["name"]
+        ).read_bytes()
+    assert sorted(p.name for p in (killed / "shards").iterdir()) == sorted(
+        p.name for p in (clean / "shards").iterdir()
+    )
+
+
+def test_ray_data_job_equals_the_local_job(tmp_path):
+    from pipeline.ray_preprocess import ray_executor
+
+    _synth_inputs(tmp_path / "in")
+    args = [*SMALL, "preprocess.files_per_shard=4", "preprocess.workers=2"]
+    local = run_preprocess(
+        load_config(overrides=[*args, f"preprocess.out={tmp_path / 'local'}"]),
+        [str(tmp_path / "in")],
+        executor=local_executor,
+        progress=False,
+    )
+    on_ray = run_preprocess(
+        load_config(overrides=[*args, f"preprocess.out={tmp_path / 'ray'}"]),
+        [str(tmp_path / "in")],
+        executor=ray_executor(),
+        progress=False,
+    )
+    assert (tmp_path / "ray" / "manifest.json").read_bytes() == (
+        tmp_path / "local" / "manifest.json"
+    ).read_bytes()
+    assert on_ray["samples"] == local["samples"] > 0
+
+
+def test_dry_run_lists_and_counts(tmp_path, capsys):
+    from pipeline.cli import main
+
+    _synth_inputs(tmp_path / "in")
+    assert main(["preprocess", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# total: 10" in out and "# video: 8" in out and "# image: 2" in out
+    assert not (tmp_path / "out").exists()
