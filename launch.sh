@@ -80,7 +80,7 @@ lint() {
 }
 
 not_yet() {
-  echo "launch.sh $1: not yet available — it lands with the $2 issue. Available now: setup, test, lint." >&2
+  echo "launch.sh $1: not yet available — it lands with the $2 issue. Available now: setup, test, lint, preprocess, synth." >&2
   exit 3
 }
 
