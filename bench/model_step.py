@@ -10,7 +10,6 @@ This is a benchmark, never a test: numbers go to docs/PERFORMANCE.md with the ma
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -19,6 +18,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from report import print_table, write_record
 
 from configs import model_config
 from models.dit import VideoDiT
@@ -82,11 +82,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     rows = [measure(preset, args) for preset in args.presets]
-    columns = list(rows[0])
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for row in rows:
-        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)))
+    print_table(rows)
 
     on_cuda = args.device.startswith("cuda")
     machine = torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu"
@@ -99,9 +95,7 @@ def main() -> None:
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

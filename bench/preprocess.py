@@ -11,7 +11,6 @@ job's clip plan asks for, spread over the same number of processes. Prints a tab
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import sys
@@ -22,6 +21,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from report import print_table, write_record
 
 from configs import load_config
 from stages.clips import ClipSpec, frames_to_decode, resample_indices
@@ -116,11 +116,7 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    columns = list(rows[0])
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for row in rows:
-        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)))
+    print_table(rows)
     record = {
         "benchmark": "preprocess",
         "date": date.today().isoformat(),
@@ -130,9 +126,7 @@ def main() -> None:
         or f"synthetic: {args.count} videos, {args.frames} frames, {args.size}x{args.size}, 8 fps",
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

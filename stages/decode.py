@@ -162,13 +162,17 @@ class _Probe:
     expected_frames: float | None
 
 
-def _pyav_probe(path: Path, spec: ClipSpec) -> _Probe:
-    """Container metadata without decoding: the stream decord and we use, and its frame count."""
+def _open_container(path: Path):
+    """PyAV container of `path`, or a DecodeError saying why it cannot be opened."""
     try:
-        container = av.open(str(path))
+        return av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
         raise DecodeError(_open_failure_reason(path, exc), stage="open", path=path) from exc
-    with container:
+
+
+def _pyav_probe(path: Path, spec: ClipSpec) -> _Probe:
+    """Container metadata without decoding: the stream decord and we use, and its frame count."""
+    with _open_container(path) as container:
         stream = _largest_video_stream(container)
         if stream is None:
             audio = len(container.streams.audio)
@@ -202,11 +206,7 @@ class _PyavVideo:
     def __init__(self, path: Path, threads: int):
         self.path = path
         self.threads = threads
-        try:
-            container = av.open(str(path))
-        except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
-            raise DecodeError(_open_failure_reason(path, exc), stage="open", path=path) from exc
-        with container:
+        with _open_container(path) as container:
             stream = _largest_video_stream(container)
             if stream is None:
                 raise DecodeError("no video stream (audio only?)", stage="probe", path=path)
