@@ -1,11 +1,14 @@
 """Throughput of the preprocessing job against raw decord decoding of the same frames on the same cores.
 
-    python bench/preprocess.py                       # synthetic dataset (48 videos, 64 frames, 256², 8 fps)
+    python bench/preprocess.py                       # synthetic dataset (144 videos, 64 frames, 256², 8 fps)
     python bench/preprocess.py --input ../shared/media --workers 1 2
 
 For each worker count: the full job (discover → killable decode processes → resample/crop → patchify →
 shards, local executor) and a raw baseline that only decodes, with decord `get_batch`, the frames the
 job's clip plan asks for, spread over the same number of processes. Prints a table, writes JSON.
+Interpreter imports (torch, which the job's patchify needs) happen before any timing. They happen
+inside `main()`: the decode processes' fork server imports this script's module level, as it would
+import any job's main script once.
 """
 
 from __future__ import annotations
@@ -53,12 +56,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", help="folder of videos (default: a generated synthetic dataset)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--count", type=int, default=48, help="synthetic videos")
+    parser.add_argument("--count", type=int, default=144, help="synthetic videos")
     parser.add_argument("--frames", type=int, default=64, help="frames per synthetic video (8 fps)")
     parser.add_argument("--size", type=int, default=256, help="side of the synthetic videos")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides for the job")
     parser.add_argument("--out", type=Path, default=Path("bench/results/preprocess.json"))
     args = parser.parse_args()
+    import torch  # noqa: F401  (the job's patchify needs it; interpreter imports are not timed)
 
     scratch = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
     try:

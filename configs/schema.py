@@ -160,6 +160,8 @@ class PreprocessConfig:
     """Parallel shard writers (Ray actors, or local processes without Ray)."""
     decoder: str = "auto"
     """auto (decord, PyAV fallback), decord or pyav."""
+    decode_threads: int = 1
+    """Decoder threads per worker (decord / PyAV); keep workers × threads at about the CPU count."""
 
 
 @dataclass

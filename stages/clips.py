@@ -55,6 +55,8 @@ class ClipSpec:
     """auto (decord, PyAV fallback), decord or pyav."""
     frame_multiple: int = 1
     """Clip lengths are multiples of this (the temporal patch size pt)."""
+    threads: int = 1
+    """Decoder threads (does not change the frames)."""
 
     @property
     def step(self) -> int:
@@ -78,6 +80,7 @@ class ClipSpec:
             min_source_side=int(p.min_source_side),
             decoder=str(p.decoder),
             frame_multiple=int(cfg.model.patch_size[0]),
+            threads=max(1, int(p.decode_threads)),
         )
 
 
@@ -116,11 +119,23 @@ def resample_indices(
 # ---------------------------------------------------------------------------------------------------
 
 
-def grey_thumbnail(frame: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 → (32, 32) float32 grey in 0-255, by area averaging (cheap, noise-robust)."""
-    img = Image.fromarray(np.ascontiguousarray(frame)).convert("L")
-    img = img.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX)
-    return np.asarray(img, dtype=np.float32)
+def _area_weights(n: int, out: int) -> np.ndarray:
+    """(out, n) matrix averaging n samples into `out` equal cells by overlap (box/area resampling)."""
+    edges = np.arange(out + 1) * (n / out)
+    lo = np.maximum(edges[:-1, None], np.arange(n)[None, :])
+    hi = np.minimum(edges[1:, None], np.arange(1, n + 1)[None, :])
+    return (np.clip(hi - lo, 0, None) / (n / out)).astype(np.float32)
+
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+"""ITU-R 601 luma weights (as PIL's "L" conversion)."""
+
+
+def grey_thumbnails(frames: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 → (N, 32, 32) float32 grey in 0-255, by area averaging (cheap, noise-robust)."""
+    _, h, w, _ = frames.shape
+    grey = frames.astype(np.float32) @ LUMA
+    return _area_weights(h, THUMB_SIZE) @ grey @ _area_weights(w, THUMB_SIZE).T
 
 
 def scene_cuts(thumbs: np.ndarray, threshold: float) -> list[int]:
@@ -189,7 +204,7 @@ def target_size(h: int, w: int, spec: ClipSpec) -> tuple[int, int]:
 
 
 def resize_crop(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize (antialiased bicubic) so the frame covers size = (H, W), keeping the center.
+    """Resize (antialiased bilinear) so the frame covers size = (H, W), keeping the center.
 
     Implemented as one PIL resize of the centred source box that maps onto the target, which is the
     same as "scale by max(H/h, W/w) then center crop" but never materialises a huge intermediate
@@ -205,5 +220,34 @@ def resize_crop(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     bw, bh = tw / scale, th / scale
     x0, y0 = (w - bw) / 2.0, (h - bh) / 2.0
     img = Image.fromarray(np.ascontiguousarray(frame))
-    out = img.resize((tw, th), Image.Resampling.BICUBIC, box=(x0, y0, x0 + bw, y0 + bh), reducing_gap=3.0)
+    out = img.resize((tw, th), Image.Resampling.BILINEAR, box=(x0, y0, x0 + bw, y0 + bh), reducing_gap=3.0)
     return np.asarray(out, dtype=np.uint8)
+
+
+def cover_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int] | None:
+    """(sh, sw) an upright h × w source shrinks to (aspect kept to within a pixel) so it just covers
+    size = (H, W), for decoders that scale while converting to RGB; None when covering needs no
+    shrinking (then the full frame goes through `resize_crop`). Each side keeps the parity of the
+    target's, so the center crop is exactly centred (no half-pixel shift against `resize_crop`)."""
+    th, tw = int(size[0]), int(size[1])
+    scale = max(th / h, tw / w)
+    if scale >= 1.0:
+        return None
+
+    def side(exact: float, target: int) -> int:
+        if exact <= target + 1:
+            return target
+        low = target + 2 * int((exact - target) // 2)  # same parity as target, ≤ exact
+        return low if exact - low <= low + 2 - exact else low + 2
+
+    return (side(h * scale, th), side(w * scale, tw))
+
+
+def center_crop(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The centred (H, W) window of a frame at least that large."""
+    th, tw = int(size[0]), int(size[1])
+    h, w = frame.shape[:2]
+    if h < th or w < tw:
+        raise ValueError(f"cannot crop {h}x{w} to {th}x{tw}")
+    y0, x0 = (h - th) // 2, (w - tw) // 2
+    return np.ascontiguousarray(frame[y0 : y0 + th, x0 : x0 + tw])

@@ -12,6 +12,13 @@ Behaviour worth knowing (measured on ../shared/media with decord 0.6 / PyAV 18):
 - decord's timestamps for the XviD AVI start with garbage (-3.7e17) and PyAV's frame pts there come
   out shuffled (B-frames in AVI): PyAV frame times are the sorted packet pts, in output order.
 - decord opens the no-duration WebM not at all and fails to copy out 2×2 frames.
+
+Frames are shrunk by the decoder while it converts them to RGB (libswscale, antialiased bilinear:
+decord's `width`/`height`, PyAV's `reformat`) to the size that just covers the target, then center
+cropped; converting and resizing full-size frames in Python would cost more than decoding them. The
+displayed (rotated) size comes from the PyAV probe's first frame (decord) or the first decoded frame
+(PyAV). Sources that would need enlarging, and decord-only mode (no probe), go through `resize_crop`
+(PIL, also antialiased bilinear) like images.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.clips import (
     ClipSpec,
+    center_crop,
+    cover_size,
     frames_to_decode,
-    grey_thumbnail,
+    grey_thumbnails,
     plan_clips,
     resample_indices,
     resize_crop,
@@ -160,6 +169,8 @@ class _Probe:
     height: int
     width: int
     expected_frames: float | None
+    upright: tuple[int, int] | None
+    """(h, w) as displayed (display rotation applied), from the first frame; None if it did not decode."""
 
 
 def _open_container(path: Path):
@@ -171,7 +182,8 @@ def _open_container(path: Path):
 
 
 def _pyav_probe(path: Path, spec: ClipSpec) -> _Probe:
-    """Container metadata without decoding: the stream decord and we use, and its frame count."""
+    """Container metadata: the stream decord and we use, its frame count, and its displayed size (the
+    display rotation is only known from a decoded frame, so the first one is decoded)."""
     with _open_container(path) as container:
         stream = _largest_video_stream(container)
         if stream is None:
@@ -187,15 +199,47 @@ def _pyav_probe(path: Path, spec: ClipSpec) -> _Probe:
             expected = container.duration / 1e6 * rate
         else:
             expected = None
-        probe = _Probe(stream.index, int(stream.height), int(stream.width), expected)
-    _check_side(path, probe.height, probe.width, spec)
-    return probe
+        h, w = int(stream.height), int(stream.width)
+        _check_side(path, h, w, spec)
+        upright = None
+        stream.codec_context.thread_count = 1
+        try:
+            frame = next(container.decode(stream), None)
+        except av.FFmpegError:
+            frame = None
+        if frame is not None:
+            quarter_turn = round((getattr(frame, "rotation", 0) or 0) / 90.0) % 2 == 1
+            upright = (frame.width, frame.height) if quarter_turn else (frame.height, frame.width)
+    return _Probe(stream.index, h, w, expected, upright)
 
 
 def _rotate_upright(frame: np.ndarray, rotation: float) -> np.ndarray:
     """Apply an FFmpeg display rotation (counter-clockwise degrees) so the frame shows upright."""
     k = round((rotation or 0) / 90.0) % 4
     return np.rot90(frame, k) if k else frame
+
+
+class _Fit:
+    """The clip geometry, settled by the first upright frame: source size, clip size and the size the
+    decoder should scale to (None: decode at full size and `resize_crop`)."""
+
+    def __init__(self, path: Path, spec: ClipSpec):
+        self.path, self.spec = path, spec
+        self.source_size: tuple[int, int] | None = None
+        self.size: tuple[int, int] = (0, 0)
+        self.scaled: tuple[int, int] | None = None
+
+    def settle(self, h: int, w: int) -> None:
+        _check_side(self.path, h, w, self.spec)
+        self.source_size = (int(h), int(w))
+        self.size = target_size(h, w, self.spec)
+        self.scaled = cover_size(h, w, self.size)
+
+    def finish(self, frame: np.ndarray) -> np.ndarray:
+        """A full-size or decoder-scaled upright frame → the clip size."""
+        if self.scaled is not None and frame.shape[:2] == self.scaled:
+            return center_crop(frame, self.size)
+        return resize_crop(frame, self.size)
 
 
 class _PyavVideo:
@@ -239,8 +283,8 @@ class _PyavVideo:
             pass  # truncated tail: keep the packets read so far
         return np.sort(np.asarray(times, dtype=np.float64))
 
-    def read(self, wanted: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """One sequential pass yielding (frame index, upright RGB) for sorted `wanted` indices.
+    def read(self, wanted: np.ndarray, fit: _Fit) -> Iterator[tuple[int, np.ndarray]]:
+        """One sequential pass yielding (frame index, frame at the clip size) for sorted `wanted` indices.
 
         The k-th decoded frame is frame k of the scan (frames' own pts are not trusted: shuffled in
         AVI, missing in some streams), except that when the decoder drops leading frames (open GOP,
@@ -267,12 +311,28 @@ class _PyavVideo:
                         while need is not None and need < k:
                             need = next(targets, None)
                     if k == need:
-                        rgb = frame.to_ndarray(format="rgb24")
-                        yield k, _rotate_upright(rgb, getattr(frame, "rotation", 0))
+                        yield k, fit.finish(self._upright(frame, fit))
                         need = next(targets, None)
                     if need is None:
                         return
                     k += 1
+
+    @staticmethod
+    def _upright(frame, fit: _Fit) -> np.ndarray:
+        """Upright RGB, scaled by libswscale to fit.scaled once the first frame has settled it."""
+        rotation = getattr(frame, "rotation", 0) or 0
+        quarter_turn = round(rotation / 90.0) % 2 == 1
+        if fit.source_size is None:
+            h, w = (frame.width, frame.height) if quarter_turn else (frame.height, frame.width)
+            fit.settle(h, w)
+        if fit.scaled is None:
+            rgb = frame.to_ndarray(format="rgb24")
+        else:
+            sh, sw = fit.scaled
+            coded_h, coded_w = (sw, sh) if quarter_turn else (sh, sw)
+            rgb = frame.reformat(width=coded_w, height=coded_h, format="rgb24", interpolation="BILINEAR")
+            rgb = rgb.to_ndarray()
+        return _rotate_upright(rgb, rotation)
 
     def _anchor(self, first_time: float) -> int:
         """Scan index of the first decoded frame: 0, or later when leading frames were dropped."""
@@ -288,15 +348,21 @@ class _PyavVideo:
 
 
 class _DecordVideo:
-    """decord random access; rotation applied by decord; checked against the container metadata."""
+    """decord random access; rotation applied by decord; checked against the container metadata.
+
+    With `scaled` = (h, w) the reader shrinks frames to that displayed size while converting them.
+    decord 0.6 cannot copy out some widths (16, 24, 48, 72 px fail its size check); then the file is
+    reopened at full size and frames are resized with `resize_crop`.
+    """
 
     name = "decord"
 
-    def __init__(self, path: Path, threads: int, probe: _Probe | None, strict: bool):
+    def __init__(
+        self, path: Path, threads: int, probe: _Probe | None, strict: bool, scaled: tuple[int, int] | None
+    ):
+        self.path, self.threads, self.scaled = path, threads, scaled
         try:
-            from decord import VideoReader, cpu
-
-            self.reader = VideoReader(str(path), ctx=cpu(0), num_threads=threads)
+            self.reader = self._open()
             n = len(self.reader)
             raw = self.reader.get_frame_timestamp(np.arange(n))
         except Exception as exc:  # decord raises DECORDError, RuntimeError, AssertionError, ...
@@ -304,7 +370,6 @@ class _DecordVideo:
                 raise _DecordUnusable("probe", "no video stream (audio only?)") from exc
             hint = _sniff(path)
             raise _DecordUnusable("open", f"decord cannot open it: {hint or _short(exc)}") from exc
-        self.probe = probe
         if probe is not None and probe.expected_frames is not None:
             expected = probe.expected_frames
             if abs(n - expected) > COUNT_TOLERANCE[0] * expected + COUNT_TOLERANCE[1]:
@@ -318,23 +383,27 @@ class _DecordVideo:
             ts = np.arange(n, dtype=np.float64) / float(self.reader.get_avg_fps() or 25.0)
         self.timestamps = ts
 
-    def read(self, wanted: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """(frame index, upright RGB) for sorted `wanted` indices, fetched DECODE_CHUNK at a time."""
+    def _open(self):
+        from decord import VideoReader, cpu
+
+        h, w = self.scaled or (-1, -1)
+        return VideoReader(str(self.path), ctx=cpu(0), num_threads=self.threads, width=w, height=h)
+
+    def read(self, wanted: np.ndarray, fit: _Fit) -> Iterator[tuple[int, np.ndarray]]:
+        """(frame index, frame at the clip size) for sorted `wanted` indices, DECODE_CHUNK at a time."""
         for lo in range(0, wanted.size, DECODE_CHUNK):
             chunk = [int(i) for i in wanted[lo : lo + DECODE_CHUNK]]
             try:
                 batch = self.reader.get_batch(chunk).asnumpy()
             except Exception as exc:
-                raise _DecordUnusable("decode", f"decord cannot read frames: {_short(exc)}") from exc
-            if lo == 0 and self.probe is not None:
-                h, w = batch.shape[1:3]
-                if sorted((h, w)) != sorted((self.probe.height, self.probe.width)):
-                    raise _DecordUnusable(
-                        "probe",
-                        f"decord decodes {w}x{h}, the largest stream is "
-                        f"{self.probe.width}x{self.probe.height}",
-                    )
-            yield from zip(chunk, batch)
+                if lo or self.scaled is None:
+                    raise _DecordUnusable("decode", f"decord cannot read frames: {_short(exc)}") from exc
+                self.scaled = None  # the scaled-width copy-out bug: full size instead
+                self.reader = self._open()
+                batch = self.reader.get_batch(chunk).asnumpy()
+            if fit.source_size is None:
+                fit.settle(*batch.shape[1:3])
+            yield from zip(chunk, (fit.finish(frame) for frame in batch))
 
 
 def _short(exc: BaseException) -> str:
@@ -347,28 +416,22 @@ def _short(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _clips_from(video: _PyavVideo | _DecordVideo, path: Path, spec: ClipSpec) -> list[Clip]:
+def _clips_from(video: _PyavVideo | _DecordVideo, path: Path, spec: ClipSpec, fit: _Fit) -> list[Clip]:
     """Resample by timestamps, decode only the needed frames (resized at once), cut, plan, slice."""
     indices, times = resample_indices(video.timestamps, spec.fps)
     n = frames_to_decode(len(indices), spec)
     indices, times = indices[:n], times[:n]
-    resized: dict[int, np.ndarray] = {}
-    source_size = size = None
-    for k, frame in video.read(np.unique(indices)):
-        if source_size is None:
-            source_size = (int(frame.shape[0]), int(frame.shape[1]))
-            _check_side(path, *source_size, spec)
-            size = target_size(*source_size, spec)
-        resized[k] = resize_crop(frame, size)
-    if source_size is None or size is None:
+    resized = dict(video.read(np.unique(indices), fit))
+    if fit.source_size is None or not resized:
         raise DecodeError("no frame could be decoded", stage="decode", path=path)
+    source_size, size = fit.source_size, fit.size
     # frames the decoder never produced (truncated tail, dropped leading frames): keep the first run
     have = np.isin(indices, list(resized))
     first = int(np.argmax(have))
     stop = first + int(np.argmin(have[first:])) if not have[first:].all() else have.size
     indices, times = indices[first:stop], times[first:stop]
     n = len(indices)
-    thumbs = {k: grey_thumbnail(f) for k, f in resized.items()}
+    thumbs = dict(zip(resized, grey_thumbnails(np.stack(list(resized.values())))))
     cuts = scene_cuts(np.stack([thumbs[int(i)] for i in indices]), spec.scene_cut_threshold)
     plan = plan_clips(n, cuts, spec)
     if not plan:
@@ -395,7 +458,7 @@ def _clips_from(video: _PyavVideo | _DecordVideo, path: Path, spec: ClipSpec) ->
     ]
 
 
-def decode_video(path: str | Path, spec: ClipSpec, *, threads: int = 2) -> list[Clip]:
+def decode_video(path: str | Path, spec: ClipSpec) -> list[Clip]:
     """Clips of spec.frames upright RGB frames at spec.fps and the target size from one video.
 
     decoder=auto probes the container with PyAV, decodes with decord and falls back to PyAV when
@@ -407,13 +470,16 @@ def decode_video(path: str | Path, spec: ClipSpec, *, threads: int = 2) -> list[
         _check_file(path, "open")
         probe = _pyav_probe(path, spec) if spec.decoder in ("auto", "pyav") else None
         if spec.decoder in ("auto", "decord"):
+            fit = _Fit(path, spec)
+            if probe is not None and probe.upright is not None:
+                fit.settle(*probe.upright)
             try:
-                video = _DecordVideo(path, threads, probe, strict=spec.decoder == "decord")
-                return _clips_from(video, path, spec)
+                video = _DecordVideo(path, spec.threads, probe, spec.decoder == "decord", fit.scaled)
+                return _clips_from(video, path, spec, fit)
             except _DecordUnusable as exc:
                 if spec.decoder == "decord":
                     raise DecodeError(exc.reason, stage=exc.stage, path=path) from exc
-        return _clips_from(_PyavVideo(path, threads), path, spec)
+        return _clips_from(_PyavVideo(path, spec.threads), path, spec, _Fit(path, spec))
     except DecodeError:
         raise
     except Exception as exc:  # a bad file must become a reason, never a crash of the job
@@ -489,12 +555,12 @@ def decode_image(path: str | Path, spec: ClipSpec) -> Clip:
     )
 
 
-def decode_file(path: str | Path, spec: ClipSpec, *, threads: int = 2) -> list[Clip]:
+def decode_file(path: str | Path, spec: ClipSpec) -> list[Clip]:
     """Clips from a video or image, chosen by the file extension."""
     path = Path(path)
     ext = path.suffix.lower().lstrip(".")
     if ext in VIDEO_EXTENSIONS:
-        return decode_video(path, spec, threads=threads)
+        return decode_video(path, spec)
     if ext in IMAGE_EXTENSIONS:
         return [decode_image(path, spec)]
     raise DecodeError(

@@ -119,9 +119,10 @@ def process_shard(task: ShardTask, cfg: RunConfig, out: Path, decoder: DecodePro
     samples, failures, lineage = [], [], []
     shapes: Counter[str] = Counter()
     processed = 0
-    for item in task.items:
+    for item, clips in decoder.imap(task.items):
         try:
-            clips = decoder.decode(item)
+            if isinstance(clips, DecodeFailure):
+                raise clips
             if not clips:
                 raise DecodeFailure("clips", "no clip could be cut (too short for one patch of frames?)")
             encoded = []

@@ -24,12 +24,12 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from models.layers import patchify, unpatchify
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 """Version written into every sample's JSON; readers refuse any other."""
@@ -118,6 +118,10 @@ def encode_sample(
     if meta["kind"] == "image" and t != 1:
         raise ValueError(f"sample {key}: kind 'image' needs exactly 1 frame, got T = {t}")
 
+    import torch  # imported when used: decode processes' fork server imports this module, not torch
+
+    from models.layers import patchify
+
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)[None]  # (1, C, T, H, W)
     tokens = patchify(x, (pt, ph, pw))[0].contiguous().numpy()  # (T'·H'·W', pt·ph·pw·C)
     record: dict[str, Any] = {
@@ -195,6 +199,10 @@ def decode_sample(members: dict[str, Any]) -> Sample:
 
     The frames are the exact uint8 pixels given to `encode_sample`, as a (C, T, H, W) tensor.
     """
+    import torch
+
+    from models.layers import unpatchify
+
     meta = decode_meta(members)
     key = meta["key"]
     if PATCHES not in members:

@@ -60,3 +60,23 @@ def test_processes_are_recycled_and_python_errors_stay_per_file(tmp_path):
         )
         assert missing.stage == "discover"
     assert pids[0] == pids[1] != pids[2] == pids[3]
+
+
+def test_imap_keeps_order_and_requeues_what_a_killed_child_held(tmp_path):
+    """With the next item already queued in the child, a hang or crash costs only its own file."""
+    ok = [_image(tmp_path, f"ok{i}.png") for i in range(4)]
+    items = [
+        ok[0],
+        InputItem(str(tmp_path / "hang.png"), "image"),
+        ok[1],  # queued in the child that gets killed for the hang
+        InputItem(str(tmp_path / "gone.png"), "image", error="file not found: gone.png"),
+        InputItem(str(tmp_path / "crash.png"), "image"),
+        ok[2],
+        InputItem(str(tmp_path / "pid.png"), "image"),
+        ok[3],
+    ]
+    with DecodeProcess(SPEC, timeout_s=3.0, recycle_after=3, decode_fn=misbehaving_decode) as decoder:
+        results = list(decoder.imap(items))
+    assert [item for item, _ in results] == items
+    outcome = [r.stage if isinstance(r, DecodeFailure) else r[0].kind for _, r in results]
+    assert outcome == ["image", "timeout", "image", "discover", "crash", "image", "decode", "image"]

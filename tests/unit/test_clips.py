@@ -6,12 +6,15 @@ import dataclasses
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import load_config
 from stages.clips import (
     ClipSpec,
+    center_crop,
+    cover_size,
     frames_to_decode,
-    grey_thumbnail,
+    grey_thumbnails,
     plan_clips,
     resample_indices,
     resize_crop,
@@ -132,14 +135,31 @@ def test_scene_cuts_hard_cut_yes_slow_fade_no():
     assert scene_cuts(hard[:1], 40.0) == []
 
 
-def test_grey_thumbnail_is_a_cheap_area_average():
+def test_grey_thumbnails_are_area_averages():
     frame = np.zeros((90, 160, 3), dtype=np.uint8)
     frame[:, 80:] = 255
-    thumb = grey_thumbnail(frame)
+    (thumb,) = grey_thumbnails(frame[None])
     assert thumb.shape == (32, 32) and thumb.dtype == np.float32
-    assert thumb[:, :15].max() == 0 and thumb[:, 17:].min() == 255
-    tiny = grey_thumbnail(np.full((2, 2, 3), 100, dtype=np.uint8))  # upsampling works too
+    assert thumb[:, :16].max() == 0 and thumb[:, 16:].min() == pytest.approx(255, abs=1e-3)
+    (tiny,) = grey_thumbnails(np.full((1, 2, 2, 3), 100, dtype=np.uint8))  # upsampling works too
     assert tiny.shape == (32, 32) and np.allclose(tiny, 100)
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (45, 70), (32, 32), (20, 50)])
+def test_grey_thumbnails_are_exact_area_averages(shape):
+    """Reference: repeat every pixel 32×32 times, then average blocks of h × w (exact overlap areas)."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (2, *shape, 3), dtype=np.uint8)
+    got = grey_thumbnails(frames)
+    h, w = shape
+    for frame, thumb in zip(frames, got, strict=True):
+        grey = frame.astype(np.float64) @ [0.299, 0.587, 0.114]
+        fine = np.repeat(np.repeat(grey, 32, axis=0), 32, axis=1)
+        ref = fine.reshape(32, h, 32, w).mean(axis=(1, 3))
+        np.testing.assert_allclose(thumb, ref, atol=1e-2)
+    if shape == (64, 96):  # integer ratios: PIL's box filter agrees (up to its integer rounding)
+        pil = Image.fromarray(frames[0]).convert("L").resize((32, 32), Image.Resampling.BOX)
+        assert np.abs(got[0] - np.asarray(pil, dtype=np.float32)).max() < 1.5
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,3 +256,32 @@ def test_resize_crop_keeps_the_centre():
     np.testing.assert_allclose(green.mean(axis=0), [19.5, 19.5], atol=0.6)
     assert len(green) == pytest.approx((20 * 40 / 120) ** 2, rel=0.3)  # scaled by 1/3
     np.testing.assert_array_equal(resize_crop(frame[:40, :40], (40, 40)), frame[:40, :40])  # identity
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "size", "expected"),
+    [
+        ((1080, 1920, (32, 32), (32, 56))),  # 56.9: the nearest width of even margin
+        ((1080, 1920, (31, 32), (31, 56))),  # 55.1
+        ((568, 320, (24, 40), (70, 40))),  # 71.0 is odd against 24 rows: 70
+        ((568, 320, (32, 16), (32, 18))),
+        ((424, 640, (32, 32), (32, 48))),
+        ((100, 101, (32, 32), (32, 32))),  # within a pixel of the target: no margin at all
+        ((64, 64, (64, 64), None)),  # same size: nothing to shrink
+        ((16, 10000, (32, 32), None)),  # would need enlarging: resize_crop instead
+    ],
+)
+def test_cover_size(h, w, size, expected):
+    got = cover_size(h, w, size)
+    assert got == expected
+    if got is not None:
+        assert got[0] >= size[0] and got[1] >= size[1]
+        assert all(abs(g - s * max(size[0] / h, size[1] / w)) <= 1.0 for g, s in zip(got, (h, w)))
+        assert (got[0] - size[0]) % 2 == 0 and (got[1] - size[1]) % 2 == 0
+
+
+def test_center_crop_takes_the_middle():
+    frame = np.arange(6 * 9 * 3, dtype=np.uint8).reshape(6, 9, 3)
+    np.testing.assert_array_equal(center_crop(frame, (4, 5)), frame[1:5, 2:7])
+    with pytest.raises(ValueError, match="cannot crop 6x9 to 7x9"):
+        center_crop(frame, (7, 9))

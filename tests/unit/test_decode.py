@@ -16,7 +16,7 @@ from PIL import Image
 
 from configs import load_config
 from stages import decode as decode_mod
-from stages.clips import ClipSpec
+from stages.clips import ClipSpec, cover_size
 from stages.decode import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -39,6 +39,7 @@ PLAIN = "keyboard_h264_568x320_30fps_3frames.mov"
 VFR = "two_people_vfr_h264_1920x1080.mp4"
 H264 = "bikes_h264_640x272_25fps.mp4"
 NASA = "nasa_two_video_streams_h264_480x270_29.97fps_and_320x180_25fps_audio.mp4"
+MICROSCOPE = "microscope_bulk_water_h264_640x424_23.976fps.mov"
 
 
 def _spec(*overrides: str) -> ClipSpec:
@@ -240,9 +241,9 @@ def test_only_the_needed_frames_are_decoded(monkeypatch):
     asked: list[np.ndarray] = []
     original = decode_mod._PyavVideo.read
 
-    def spy(self, wanted):
+    def spy(self, wanted, fit):
         asked.append(np.asarray(wanted))
-        return original(self, wanted)
+        return original(self, wanted, fit)
 
     monkeypatch.setattr(decode_mod._PyavVideo, "read", spy)
     clips = decode_video(_media(H264), _spec("preprocess.decoder=pyav", "preprocess.stride=6"))
@@ -438,3 +439,28 @@ def test_tiny_image_too_small(tmp_path):
     assert err.stage == "probe" and "too small" in err.reason
     clip = decode_image(path, _spec("preprocess.min_source_side=1"))
     assert clip.frames.shape == (1, 32, 32, 3) and np.all(clip.frames == 9)
+
+
+@pytest.mark.parametrize("decoder", [pytest.param("auto", marks=needs_decord), "pyav"])
+@pytest.mark.parametrize("name", [H264, ROT90, MICROSCOPE])
+def test_decoder_side_scaling_matches_full_size_resize(monkeypatch, decoder, name):
+    """Frames shrunk by libswscale while decoding ≈ full-size frames resized by PIL (the reference)."""
+    spec = _spec(f"preprocess.decoder={decoder}", "data.fps=30", "data.height=24", "data.width=40")
+    scaled = decode_video(_media(name), spec)
+    monkeypatch.setattr(decode_mod, "cover_size", lambda h, w, size: None)  # full size + resize_crop
+    reference = decode_video(_media(name), spec)
+    expected = "decord" if decoder == "auto" else "pyav"
+    assert [c.start_s for c in scaled] == [c.start_s for c in reference]
+    for a, b in zip(scaled, reference, strict=True):
+        assert a.decoder == b.decoder == expected and a.source_size == b.source_size
+        assert a.frames.shape == b.frames.shape == (a.frames.shape[0], 24, 40, 3)
+        assert np.abs(a.frames.astype(np.float32) - b.frames).mean() < 3.0
+
+
+@needs_decord
+def test_decord_scaled_width_bug_falls_back_to_full_size():
+    """decord 0.6 fails to copy out 48-px-wide frames: 640x424 → 32x32 covers at 48x32."""
+    spec = _spec("data.fps=30")
+    assert cover_size(424, 640, (spec.height, spec.width)) == (32, 48)
+    clips = decode_video(_media(MICROSCOPE), spec)
+    assert clips and all(c.decoder == "decord" and c.frames.shape[1:] == (32, 32, 3) for c in clips)
