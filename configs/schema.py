@@ -162,6 +162,8 @@ class PreprocessConfig:
     """auto (decord, PyAV fallback), decord or pyav."""
     decode_threads: int = 1
     """Decoder threads per worker (decord / PyAV); keep workers × threads at about the CPU count."""
+    text_embeddings: bool = False
+    """Store each caption's frozen T5 embedding (text.encoder=t5) in its sample, so training skips T5."""
 
 
 @dataclass

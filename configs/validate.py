@@ -170,6 +170,11 @@ def validate(cfg: Any) -> None:
     _validate_diffusion(cfg.diffusion)
     _validate_data(cfg.data, cfg.model)
     _validate_preprocess(cfg.preprocess, cfg.model)
+    if cfg.preprocess.text_embeddings and cfg.text.encoder != "t5":
+        raise ValueError(
+            f"preprocess.text_embeddings: needs a frozen text encoder (text.encoder=t5 with text.t5_path), "
+            f"got text.encoder={cfg.text.encoder} (the byte encoder trains with the model)"
+        )
     _validate_train(cfg.train)
     _validate_parallel(cfg.parallel)
     if cfg.text.encoder == "byte" and cfg.model.text_dim != cfg.text.width:

@@ -38,6 +38,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from configs.schema import RunConfig
 from stages.shards import decode_meta, decode_sample, iter_tar_samples
 
 STREAMS = ("video", "images")
@@ -553,3 +554,25 @@ def make_loader(
         allow_pipe=allow_pipe,
     )
     return ShardLoader(ShardStream(urls, settings), prefetch_factor, pin_memory, multiprocessing_context)
+
+
+def loader_from_config(cfg: RunConfig, rank: int, world_size: int, train: bool = True) -> ShardLoader:
+    """`make_loader` for a run: shards from `data.shards`, batch/worker/mix settings from `data`, seed
+    from `train.seed`."""
+    d = cfg.data
+    if not d.shards:
+        raise ValueError("data.shards: set the directory of preprocessed shards (preprocess.out of a run)")
+    return make_loader(
+        d.shards,
+        batch_size=d.batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=d.num_workers,
+        seed=cfg.train.seed,
+        image_fraction=d.image_fraction,
+        shuffle_buffer=d.shuffle_buffer,
+        train=train,
+        images_per_item=d.images_per_item or d.frames,
+        max_pending=d.max_pending or None,
+        allow_pipe=d.allow_pipe,
+    )

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from configs import RunConfig, fingerprint
 from stages.clips import ClipSpec
 from stages.decode_process import DecodeFailure, DecodeProcess
@@ -63,6 +65,9 @@ def sample_fingerprint(cfg: RunConfig) -> str:
             "min_source_side": p.min_source_side,
             "files_per_shard": p.files_per_shard,
             "decoder": p.decoder,
+            "text_embeddings": (
+                [Path(cfg.text.t5_path).name, cfg.text.max_length] if p.text_embeddings else None
+            ),
         }
     )
 
@@ -113,19 +118,65 @@ def finished_record(out: Path, task: ShardTask, fp: str) -> dict[str, Any] | Non
 # --------------------------------------------------------------------------------------------------
 
 
+class CaptionEmbedder:
+    """Frozen T5 embeddings of captions, float16 (L, D) with the padding dropped; one model per process."""
+
+    BATCH = 32
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from models.text import T5TextEncoder
+
+        self.encoder = T5TextEncoder(cfg.text.t5_path, max_length=cfg.text.max_length)
+        self.name = f"t5:{Path(cfg.text.t5_path).name}"
+
+    def __call__(self, captions: list[str]) -> dict[str, np.ndarray]:
+        import torch  # this module stays light: decode processes' fork server may import it
+
+        unique = sorted(set(captions))
+        out: dict[str, np.ndarray] = {}
+        for lo in range(0, len(unique), self.BATCH):
+            batch = unique[lo : lo + self.BATCH]
+            emb = self.encoder(batch)
+            for caption, tokens, mask in zip(batch, emb.tokens, emb.mask, strict=True):
+                out[caption] = tokens[mask].to(dtype=torch.float16).cpu().numpy()
+        return out
+
+
+_EMBEDDERS: dict[tuple[str, int], CaptionEmbedder] = {}
+
+
+def caption_embedder(cfg: RunConfig) -> CaptionEmbedder | None:
+    """The process-wide embedder for `cfg` when `preprocess.text_embeddings` is on, else None."""
+    if not cfg.preprocess.text_embeddings:
+        return None
+    key = (cfg.text.t5_path, cfg.text.max_length)
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = CaptionEmbedder(cfg)
+    return _EMBEDDERS[key]
+
+
 def process_shard(task: ShardTask, cfg: RunConfig, out: Path, decoder: DecodeProcess) -> dict[str, Any]:
     """Decode every item of the task, write its shard (if any sample) and its record; returns the record."""
     patch = tuple(cfg.model.patch_size)
-    samples, failures, lineage = [], [], []
+    failures = []
+    decoded = []
+    for item, clips in decoder.imap(task.items):
+        if isinstance(clips, DecodeFailure):
+            failures.append({"path": item.id, "stage": clips.stage, "reason": clips.reason})
+        elif not clips:
+            reason = "no clip could be cut (too short for one patch of frames?)"
+            failures.append({"path": item.id, "stage": "clips", "reason": reason})
+        else:
+            decoded.append((item, clips))
+    embedder = caption_embedder(cfg)
+    embeddings = embedder([item.caption for item, _ in decoded]) if embedder else {}
+
+    samples, lineage = [], []
     shapes: Counter[str] = Counter()
     processed = 0
-    for item, clips in decoder.imap(task.items):
+    for item, clips in decoded:
+        encoded = []
         try:
-            if isinstance(clips, DecodeFailure):
-                raise clips
-            if not clips:
-                raise DecodeFailure("clips", "no clip could be cut (too short for one patch of frames?)")
-            encoded = []
             for index, clip in enumerate(clips):
                 key = f"{item.key}_{index:04d}"
                 meta = {
@@ -138,10 +189,15 @@ def process_shard(task: ShardTask, cfg: RunConfig, out: Path, decoder: DecodePro
                     "decoder": clip.decoder,
                     "source_size": list(clip.source_size),
                 }
-                encoded.append((key, encode_sample(key, clip.frames, patch, meta), clip))
-        except DecodeFailure as err:
-            failures.append({"path": item.id, "stage": err.stage, "reason": err.reason})
-            continue
+                members = encode_sample(
+                    key,
+                    clip.frames,
+                    patch,
+                    meta,
+                    text_embedding=embeddings.get(item.caption),
+                    text_encoder=embedder.name if embedder else "",
+                )
+                encoded.append((key, members, clip))
         except ValueError as err:  # a clip the shard format refuses
             failures.append({"path": item.id, "stage": "encode", "reason": str(err)})
             continue
@@ -151,6 +207,8 @@ def process_shard(task: ShardTask, cfg: RunConfig, out: Path, decoder: DecodePro
             t, h, w = clip.frames.shape[:3]
             shapes[f"{t}x{h}x{w}"] += 1
             lineage.append({"key": key, "source": item.id, "start_s": clip.start_s, "end_s": clip.end_s})
+    order = {item.id: i for i, item in enumerate(task.items)}
+    failures.sort(key=lambda f: order[f["path"]])
 
     shard = None
     if samples:

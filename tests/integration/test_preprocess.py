@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from configs import load_config
@@ -227,3 +228,37 @@ def test_dry_run_lists_and_counts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "# total: 10" in out and "# video: 8" in out and "# image: 2" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_precomputed_t5_embeddings_reach_the_loader(tmp_path, tiny_t5_dir):
+    from models.text import T5TextEncoder
+    from stages.data import loader_from_config
+
+    t5_path, _, _ = tiny_t5_dir
+    _synth_inputs(tmp_path / "in", count=6)
+    text = ["text.encoder=t5", f"text.t5_path={t5_path}", "text.max_length=48"]
+    cfg = _cfg(tmp_path / "out", *text, "preprocess.text_embeddings=true", "preprocess.workers=1")
+    manifest = run_preprocess(cfg, [str(tmp_path / "in")], executor=local_executor, progress=False)
+    assert manifest["samples"] > 0 and manifest["failed"] == 0
+    plain = run_preprocess(_cfg(tmp_path / "plain"), [str(tmp_path / "in")], progress=False)
+    assert plain["fingerprint"] != manifest["fingerprint"]  # embeddings are part of what a rerun reuses
+
+    reference = T5TextEncoder(t5_path, max_length=48)
+    samples = [
+        decode_sample(m) for s in manifest["shards"] for m in read_shard(tmp_path / "out/shards" / s["name"])
+    ]
+    assert len(samples) == manifest["samples"]
+    for sample in samples:
+        emb = reference([sample.meta["caption"]])
+        expected = emb.tokens[0][emb.mask[0]]  # padding dropped: (L, D)
+        assert sample.text is not None and sample.text.dtype == torch.float16
+        assert sample.text.shape == expected.shape and sample.meta["text_embedding"]["encoder"] == "t5:t5"
+        torch.testing.assert_close(sample.text.float(), expected, atol=2e-3, rtol=2e-3)
+
+    run = load_config(overrides=[*SMALL, *text, f"data.shards={tmp_path / 'out'}", "data.batch_size=2"])
+    batch = next(iter(loader_from_config(run, rank=0, world_size=1, train=False)))
+    lengths = batch["text_mask"].sum(dim=1)
+    assert batch["text"].shape[:2] == batch["text_mask"].shape and batch["text"].shape[2] == 32
+    for key, length in zip(batch["keys"], lengths.tolist(), strict=True):
+        (sample,) = [s for s in samples if s.key == key]
+        assert length == sample.text.shape[0]

@@ -105,3 +105,8 @@ def test_every_field_documented_and_reference_in_sync():
     assert (ROOT / "docs" / "CONFIG.md").read_text().strip() == render().strip(), (
         "docs/CONFIG.md is stale: run `python -m configs.reference > docs/CONFIG.md`"
     )
+
+
+def test_text_embeddings_need_the_frozen_t5_encoder():
+    with pytest.raises(ValueError, match=r"preprocess.text_embeddings: needs a frozen text encoder.*byte"):
+        load_config(overrides=["preprocess.text_embeddings=true"])

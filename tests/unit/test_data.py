@@ -179,3 +179,11 @@ def test_eval_resume_finishes_the_pass_exactly(dataset):
     assert len(head) + len(tail) == len(reference)
     assert all(_same(a, b) for a, b in zip(head + tail, reference))
     assert resumed.state_dict()["workers"][0]["batches"] == 0  # a finished pass starts over
+
+
+def test_loader_from_config_needs_the_shard_directory():
+    from configs import load_config
+    from stages.data import loader_from_config
+
+    with pytest.raises(ValueError, match=r"data\.shards: set the directory"):
+        loader_from_config(load_config(), rank=0, world_size=1)

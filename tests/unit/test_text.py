@@ -125,22 +125,6 @@ def test_text_embeddings_to_moves_both_tensors() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_t5_dir(tmp_path, monkeypatch):
-    transformers = pytest.importorskip("transformers")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    tokenizer = transformers.ByT5Tokenizer()
-    config = transformers.T5Config(
-        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=len(tokenizer)
-    )
-    torch.manual_seed(0)
-    model = transformers.T5EncoderModel(config).eval()
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_path)
-    return tmp_path, model, tokenizer
-
-
 def test_t5_matches_transformers_directly(tiny_t5_dir) -> None:
     path, ref_model, tokenizer = tiny_t5_dir
     enc = T5TextEncoder(path, max_length=16)
