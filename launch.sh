@@ -22,14 +22,21 @@ Commands:
   demo               the end-to-end job on the embedded default (not yet: lands with the pipeline issue)
   preprocess INPUT... --out DIR [key=value...]   dataset preprocessing job (Ray Data; --local without Ray)
   synth --out DIR --count N   synthetic captioned videos and images
-  train ...          training launch (not yet: lands with the training issue)
+  train CONFIG [key=value...] [--resume auto|none|DIR]
+                     training on this machine (all GPUs, or NPROC_PER_NODE CPU processes), on several
+                     machines (NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT, or HOSTFILE for the DeepSpeed
+                     launcher); `./launch.sh python -m pipeline train CONFIG --ray` runs it on Ray Train
+  slurm [SBATCH-OPTION...] -- CONFIG [key=value...]   submit configs/slurm/train.sbatch
+  ray-head           start a Ray head here (dashboard on 127.0.0.1 unless RAY_DASHBOARD_HOST is set)
+  ray-worker HEAD_ADDRESS   join this machine to a Ray cluster
   render ...         offline rendering through the cascade (not yet: lands with the cascade issue)
-  ray-head, ray-worker HEAD_ADDRESS, slurm ...   cluster launches (not yet: land with the training issue)
   python ARGS...     run the virtualenv's python (e.g. ./launch.sh python -m pipeline --help)
 
 Environment knobs (defaults in brackets):
   PYTHON [python3]  VENV [.venv]  TORCH_SPEC [torch==2.13.0]  TORCH_INDEX_URL []
   EXTRAS [test]  LINT [1]
+  train: NPROC_PER_NODE [GPUs, or 1 without]  NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]
+         MASTER_PORT [29500]  HOSTFILE []   ray-head: RAY_PORT [6379]  RAY_DASHBOARD_HOST [127.0.0.1]
 Extra arguments to `test` go to pytest, e.g. ./launch.sh test -m "not slow" -x
 
 On a CPU-only machine the CPU torch build is installed first so nothing pulls CUDA wheels: set
@@ -79,8 +86,34 @@ lint() {
   (cd "$ROOT" && "$py" -m ruff check . && "$py" -m ruff format --check .)
 }
 
+train() {
+  setup
+  local bin="$VENV/bin"
+  if [[ -n "${HOSTFILE:-}" ]]; then  # DeepSpeed launcher: ssh/pdsh to every host of the hostfile
+    exec "$bin/deepspeed" --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" \
+      --module pipeline train "$@"
+  fi
+  local nproc="${NPROC_PER_NODE:-}"
+  if [[ -z "$nproc" ]]; then
+    nproc="$("$bin/python" -c 'import torch; print(torch.cuda.device_count() or 1)')"
+  fi
+  exec "$bin/torchrun" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$nproc" \
+    --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
+    -m pipeline train "$@"
+}
+
+slurm() {
+  local opts=()
+  while [[ $# -gt 0 && "$1" != "--" ]]; do opts+=("$1"); shift; done
+  [[ "${1:-}" == "--" ]] && shift
+  [[ $# -gt 0 ]] || die "usage: ./launch.sh slurm [SBATCH-OPTION...] -- CONFIG [key=value...]"
+  command -v sbatch >/dev/null || die "sbatch not found: run this on a SLURM login node"
+  setup
+  exec sbatch "${opts[@]}" "$ROOT/configs/slurm/train.sbatch" "$@"
+}
+
 not_yet() {
-  echo "launch.sh $1: not yet available — it lands with the $2 issue. Available now: setup, test, lint, preprocess, synth." >&2
+  echo "launch.sh $1: not yet available — it lands with the $2 issue. Available now: setup, test, lint, preprocess, synth, train, slurm, ray-head, ray-worker." >&2
   exit 3
 }
 
@@ -98,7 +131,18 @@ case "$cmd" in
   python) setup; exec "$(venv_python)" "$@" ;;
   demo) not_yet demo "end-to-end pipeline" ;;
   preprocess | synth) setup; exec "$(venv_python)" -m pipeline "$cmd" "$@" ;;
-  train | ray-head | ray-worker | slurm) not_yet "$cmd" "distributed training" ;;
+  train) train "$@" ;;
+  slurm) slurm "$@" ;;
+  ray-head)
+    setup
+    exec "$VENV/bin/ray" start --head --port "${RAY_PORT:-6379}" \
+      --dashboard-host "${RAY_DASHBOARD_HOST:-127.0.0.1}" "$@"
+    ;;
+  ray-worker)
+    [[ $# -ge 1 ]] || die "usage: ./launch.sh ray-worker HEAD_ADDRESS (host:port of ./launch.sh ray-head)"
+    setup
+    exec "$VENV/bin/ray" start --address "$@"
+    ;;
   render) not_yet render "cascade and rendering" ;;
   -h | --help | help) usage ;;
   "") usage; exit 2 ;;

@@ -194,6 +194,8 @@ class TrainConfig:
     """Steps between checkpoints."""
     keep_checkpoints: int = 3
     """How many committed checkpoints to keep."""
+    max_bad_steps: int = 5
+    """Non-finite steps in a row (each skipped) after which training stops without saving."""
 
 
 @dataclass

@@ -143,6 +143,7 @@ def _validate_preprocess(p: PreprocessConfig, m: ModelConfig) -> None:
 def _validate_train(t: TrainConfig) -> None:
     _positive("train.steps", t.steps, allow_zero=True)
     _positive("train.lr", t.lr)
+    _positive("train.max_bad_steps", t.max_bad_steps)
     for name in ("warmup_steps", "weight_decay", "grad_clip"):
         _positive(f"train.{name}", getattr(t, name), allow_zero=True)
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):

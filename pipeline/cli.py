@@ -13,7 +13,6 @@ from pathlib import Path
 from configs import ConfigError, RunConfig, dump_config, fingerprint, load_config
 
 NOT_YET = {
-    "train": "distributed training",
     "render": "cascade and rendering",
     "upscale": "cascade and rendering",
     "run": "end-to-end pipeline",
@@ -102,6 +101,31 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if args.ray:
+        from pipeline.ray_train import ray_train
+
+        result = ray_train(
+            cfg,
+            resume=args.resume,
+            address=args.address,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+        )
+    else:
+        from stages.train import NonFiniteError, train
+
+        try:
+            result = train(cfg, resume=args.resume, progress=not args.quiet)
+        except NonFiniteError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    if result is not None and getattr(result, "preempted", False):
+        print(f"stopped by SIGTERM at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-fraction", type=float, default=0.25)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_synth)
+    p = sub.add_parser("train", help="train: one process of a launcher's world, or --ray for Ray Train")
+    p.add_argument("config", nargs="*", help="YAML files and key=value overrides, in order")
+    p.add_argument(
+        "--resume", default="auto", help="auto (newest committed checkpoint), none, or a directory"
+    )
+    p.add_argument("--ray", action="store_true", help="run the same worker function under Ray Train")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process Ray)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (--ray)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker (--ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
     for name, issue in NOT_YET.items():
         p = sub.add_parser(name, help=f"(not yet: lands with the {issue} issue)")
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -143,9 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also follow the options (`preprocess IN --out DIR a.b=1`)
-        if not hasattr(args, "items") or any("=" not in item or item.startswith("-") for item in extra):
+        target = "items" if hasattr(args, "items") else "config" if hasattr(args, "config") else None
+        if target is None or any("=" not in item or item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.items += extra
+        setattr(args, target, getattr(args, target) + extra)
     if args.func is None:
         print(
             f"pipeline {args.command}: not yet available — it lands with the {args.issue} issue.",

@@ -6,8 +6,8 @@ shape at a random position, captioned `a {color} {shape}`. The shape covers abou
 and crosses most of it over the clip, so colour, shape and motion stay learnable at 32×32. Shapes are
 exact numpy pixel masks (no anti-aliasing) so tests can check colours, and the whole dataset, bytes
 included, is a function of the seed: attributes come from one `numpy.random.default_rng(seed)` and the
-H.264 encoder runs single-threaded with a fixed preset, without macroblock-tree rate control (see
-`X264_PARAMS`) and with no timestamps or version strings in the container.
+H.264 encoder (`stages.media_out.write_mp4`) runs single-threaded with a fixed preset, without
+macroblock-tree rate control and with no timestamps or version strings in the container.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from stages.media_out import CRF, PRESET, X264_PARAMS, write_mp4
 
 # ---------------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -49,11 +49,6 @@ VIDEO_COMBOS: tuple[tuple[str, str, str], ...] = tuple(itertools.product(COLORS,
 IMAGE_COMBOS: tuple[tuple[str, str], ...] = tuple(itertools.product(COLORS, SHAPES))
 """All 12 (color, shape) pairs; images cycle through shuffled copies of this list."""
 
-CRF = 18
-PRESET = "medium"
-X264_PARAMS = "mbtree=0"
-"""With macroblock-tree rate control on, x264 (core 165) gave different bytes for the same input from run to
-run on small frames (seen at 18–48 px) even single-threaded, likely from uninitialised lookahead memory."""
 MANIFEST = "synth.json"
 
 
@@ -190,50 +185,21 @@ def plan_items(count: int, size: int, seed: int, image_fraction: float = 0.25) -
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _fps_fraction(fps: float) -> Fraction:
-    return Fraction(fps).limit_denominator(1001)
+def render_video(item: dict[str, object], frames: int, size: int) -> np.ndarray:
+    """The item's clip as uint8 RGB (frames, size, size, 3): the shape moves linearly from start to end."""
+    mask = shape_mask(str(item["shape"]), int(item["side"]))
+    (x0, y0), (x1, y1) = item["start"], item["end"]
+    video = np.empty((frames, size, size, 3), dtype=np.uint8)
+    for t in range(frames):
+        a = t / (frames - 1)
+        x, y = round(x0 + (x1 - x0) * a), round(y0 + (y1 - y0) * a)
+        video[t] = render_frame(size, str(item["color"]), mask, x, y)
+    return video
 
 
 def write_video(path: Path, item: dict[str, object], frames: int, size: int, fps: float) -> None:
     """Encode one item as H.264 yuv420p mp4 with byte-identical output for identical input."""
-    mask = shape_mask(str(item["shape"]), int(item["side"]))
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        _encode(tmp, mask, str(item["color"]), item["start"], item["end"], frames, size, fps)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
-def _encode(
-    tmp: Path,
-    mask: np.ndarray,
-    color: str,
-    start: list[int],
-    end: list[int],
-    frames: int,
-    size: int,
-    fps: float,
-) -> None:
-    (x0, y0), (x1, y1) = start, end
-    rate = _fps_fraction(fps)
-    # bitexact: no library version string; mp4 gets no creation_time unless one is set in metadata
-    with av.open(str(tmp), "w", format="mp4", options={"fflags": "+bitexact"}) as container:
-        options = {"preset": PRESET, "crf": str(CRF), "threads": "1", "x264-params": X264_PARAMS}
-        stream = container.add_stream("libx264", rate=rate, options=options)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_count = 1
-        stream.codec_context.time_base = 1 / rate
-        for t in range(frames):
-            a = t / (frames - 1)
-            x, y = round(x0 + (x1 - x0) * a), round(y0 + (y1 - y0) * a)
-            frame = av.VideoFrame.from_ndarray(render_frame(size, color, mask, x, y), "rgb24")
-            frame.pts = t
-            frame.time_base = 1 / rate
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))  # flush delayed (B-)frames
+    write_mp4(render_video(item, frames, size), path, fps)
 
 
 def write_image(path: Path, item: dict[str, object], size: int) -> None:

@@ -35,7 +35,7 @@ def test_model_info(capsys):
 
 
 def test_commands_not_landed_say_so(capsys):
-    assert main(["train", "configs/tiny.yaml"]) == 3
+    assert main(["render", "configs/tiny.yaml"]) == 3
     assert "not yet" in capsys.readouterr().err
 
 
