@@ -394,13 +394,16 @@ class _DecordVideo:
         for lo in range(0, wanted.size, DECODE_CHUNK):
             chunk = [int(i) for i in wanted[lo : lo + DECODE_CHUNK]]
             try:
-                batch = self.reader.get_batch(chunk).asnumpy()
+                try:
+                    batch = self.reader.get_batch(chunk).asnumpy()
+                except Exception:
+                    if lo or self.scaled is None:
+                        raise
+                    self.scaled = None  # the scaled-width copy-out bug: full size instead
+                    self.reader = self._open()
+                    batch = self.reader.get_batch(chunk).asnumpy()
             except Exception as exc:
-                if lo or self.scaled is None:
-                    raise _DecordUnusable("decode", f"decord cannot read frames: {_short(exc)}") from exc
-                self.scaled = None  # the scaled-width copy-out bug: full size instead
-                self.reader = self._open()
-                batch = self.reader.get_batch(chunk).asnumpy()
+                raise _DecordUnusable("decode", f"decord cannot read frames: {_short(exc)}") from exc
             if fit.source_size is None:
                 fit.settle(*batch.shape[1:3])
             yield from zip(chunk, (fit.finish(frame) for frame in batch))

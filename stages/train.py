@@ -196,11 +196,19 @@ def init_distributed() -> tuple[int, int, int]:
     if "RANK" not in env and "SLURM_PROCID" in env:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    if "RANK" not in env:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        if "RANK" in env:
+            deepspeed.init_distributed(dist_backend=backend)
+        else:  # a lone process: a private world of one, without exporting rendezvous variables
+            env.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+            )
     local = int(env.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -399,6 +407,9 @@ def train(
     in_a_row = 0
 
     def save(at: int) -> Path:
+        finite = all(bool(torch.isfinite(_local(p)).all()) for p in trainable)
+        if not _all_finite(torch.tensor(0.0 if finite else float("nan"))):
+            raise NonFiniteError(f"step {at}: the weights are not finite; not saving a checkpoint")
         states = {"model": full_state(engine.module, zero3)}
         with ema.applied():
             states["ema"] = full_state(engine.module, zero3)

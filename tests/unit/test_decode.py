@@ -318,6 +318,13 @@ def test_tiny_video_too_small_or_upscaled(tmp_path):
     assert clip.decoder == "pyav" and clip.frames.shape == (4, 32, 32, 3) and clip.source_size == (2, 2)
 
 
+def test_a_width_decord_cannot_copy_out_falls_back_to_pyav(tmp_path):
+    """decord 0.6 fails its copy-out size check for 16-px-wide frames, scaled or not."""
+    small = _write_video(tmp_path / "small.mp4", 16, 16, 8)
+    (clip, *_) = decode_video(small, _spec("data.height=8", "data.width=8", "data.fps=8"))
+    assert clip.decoder == "pyav" and clip.frames.shape[1:] == (8, 8, 3) and clip.source_size == (16, 16)
+
+
 def test_one_frame_video(tmp_path):
     one = _write_video(tmp_path / "one.mp4", 64, 48, 1)
     for decoder in ("auto", "pyav"):

@@ -1,0 +1,276 @@
+"""The training stage on CPU (gloo): multi-process ZeRO runs, 1 vs 2 processes, exact resume after a
+kill, a crash during a save, non-finite steps, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from configs import load_config
+from models.dit import VideoDiT
+from stages import checkpoint
+from stages.preprocess import run_preprocess
+from stages.synth import run_synth
+from stages.train import NonFiniteError, train
+
+ROOT = Path(__file__).resolve().parents[2]
+GEOMETRY = ["data.frames=4", "data.height=8", "data.width=8", "data.fps=8", "model.patch_size=[1,4,4]"]
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train-data")
+    run_synth(
+        root / "synth", count=24, frames=8, size=16, fps=8.0, seed=5, image_fraction=0.25, progress=False
+    )
+    cfg = load_config(
+        overrides=[*GEOMETRY, f"preprocess.out={root / 'shards'}", "preprocess.files_per_shard=2"]
+    )
+    manifest = run_preprocess(cfg, [str(root / "synth")], progress=False)
+    assert manifest["failed"] == 0
+    return root / "shards"
+
+
+def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        *GEOMETRY,
+        f"data.shards={shards}",
+        f"train.out_dir={out}",
+        "data.batch_size=2",
+        "train.log_every=1",
+        "train.lr=3e-3",
+        "train.warmup_steps=4",
+        "train.ema_decay=0.9",
+        *extra,
+    ]
+
+
+def _cfg(shards: Path, out: Path, *extra: str):
+    return load_config([ROOT / "configs/tiny.yaml"], _overrides(shards, out, *extra))
+
+
+def _losses(out: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line["loss"] for line in lines if "loss" in line}
+
+
+def _weights(directory: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(directory / "exported" / f"{name}.safetensors")
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fixed_eval_loss(cfg, directory: Path | None) -> float:
+    """v-loss of the initial weights (directory None: same seed, same init) or of a checkpoint's exported
+    weights, on 8 fixed samples at fixed times and noise: a learning check free of batch noise."""
+    from stages.data import loader_from_config
+    from stages.train import DiffusionTrainer
+
+    torch.manual_seed(cfg.train.seed)
+    module = DiffusionTrainer(cfg).eval()
+    if directory is not None:
+        module.dit.load_state_dict(_weights(directory, "model"))
+        module.text.load_state_dict(_weights(directory, "model_text"))
+    batches = iter(loader_from_config(cfg, rank=0, world_size=1, train=False))
+    batch = next(batches)
+    while batch["kind"] != "video":
+        batch = next(batches)
+    x = batch["x"]
+    g = torch.Generator().manual_seed(0)
+    t = torch.linspace(0.05, 0.95, x.shape[0])
+    noise = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        loss = module(
+            x, t, noise, captions=batch["captions"], text=None, text_mask=None, fps=batch["fps"],
+            drop_text=torch.zeros(x.shape[0], dtype=torch.bool),
+        )  # fmt: skip
+    return loss.mean().item()
+
+
+def _launch(args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    """A child process with this test process's rendezvous variables removed (in-process runs set some)."""
+    rendezvous = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    base = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    return subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env={**base, "OMP_NUM_THREADS": "1", **(env or {})},
+        start_new_session=True,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_process_zero_run_learns(shards, tmp_path, zero):
+    out = tmp_path / "run"
+    args = _overrides(
+        shards, out, f"parallel.zero_stage={zero}", "train.steps=60", "train.checkpoint_every=30", "train.lr=5e-3"
+    )
+    proc = _launch(
+        [str(ROOT / "launch.sh"), "train", "configs/tiny.yaml", *args, "--quiet"],
+        env={"NPROC_PER_NODE": "2", "MASTER_PORT": str(29600 + zero)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert "world size         2" in output and f"ZeRO stage         {zero}" in output
+    losses = [v for _, v in sorted(_losses(out).items())]
+    assert len(losses) == 60 and all(np.isfinite(losses))
+    final = checkpoint.committed(out)[-1]
+    cfg = _cfg(shards, out)
+    before, after = _fixed_eval_loss(cfg, None), _fixed_eval_loss(cfg, final)
+    assert after < 0.85 * before, (before, after)  # deterministic: same batch, times and noise
+    assert final.name == "step_00000060" and {p.name for p in final.glob("rank_*.pt")} == {
+        "rank_00000.pt",
+        "rank_00001.pt",
+    }
+    model = VideoDiT.from_pretrained(final / "exported", "ema.safetensors")  # loads for sampling
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_one_and_two_processes_give_the_same_first_step(tmp_path):
+    grads = {}
+    for n in (1, 2):
+        out = tmp_path / f"grads{n}.safetensors"
+        proc = _launch(
+            [
+                sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+                f"--master_port={29610 + n}", "tests/integration/train_equivalence.py", str(out),
+                *GEOMETRY, "parallel.zero_stage=2",
+            ],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output[-3000:]
+        grads[n] = load_file(out)
+    one, two = grads[1], grads[2]
+    assert one.keys() == two.keys() and len(one) > 50
+    torch.testing.assert_close(one["loss"], two["loss"], rtol=1e-6, atol=1e-6)
+    nonzero = 0
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-6)
+        nonzero += int(one[key].abs().sum() > 0)
+    assert nonzero > 50  # the gradients are real, not all zero
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """An uninterrupted 8-step single-process run with checkpoints every 4 steps."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = train(_cfg(shards, out, "train.steps=8", "train.checkpoint_every=4"), progress=False)
+    assert result.step == 8 and result.skipped == 0
+    return out, result
+
+
+def test_kill_after_a_checkpoint_then_resume_reproduces_the_run(shards, tmp_path, reference):
+    ref_out, ref = reference
+    out = tmp_path / "run"
+    args = _overrides(shards, out, "train.steps=8", "train.checkpoint_every=4")
+    proc = _launch([sys.executable, "-m", "pipeline", "train", "configs/tiny.yaml", *args, "--quiet"])
+    deadline = time.monotonic() + 300
+    while not (checkpoint.step_dir(out, 4) / checkpoint.MARKER).exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (checkpoint.step_dir(out, 8) / checkpoint.MARKER).exists(), "the kill should land mid-run"
+
+    result = train(_cfg(shards, out, "train.steps=8", "train.checkpoint_every=4"), progress=False)
+    assert result.step == 8 and result.losses == ref.losses[4:]
+    assert _losses(out) == _losses(ref_out)  # the metrics log has every step once, same values
+    final, ref_final = checkpoint.step_dir(out, 8), checkpoint.step_dir(ref_out, 8)
+    for name in ("model", "ema", "model_text", "ema_text"):
+        assert _same_weights(_weights(final, name), _weights(ref_final, name)), name
+
+
+def test_a_save_without_its_commit_marker_is_never_resumed_from(shards, tmp_path, reference):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    train(_cfg(shards, out, "train.steps=8", "train.checkpoint_every=4"), progress=False)
+    (checkpoint.step_dir(out, 8) / checkpoint.MARKER).unlink()  # as if the job died while saving step 8
+    (checkpoint.step_dir(out, 8) / "rank_00000.pt").write_bytes(b"torn")
+    assert checkpoint.resolve_resume(out, "auto") == checkpoint.step_dir(out, 4)
+    with pytest.raises(ValueError, match="not a committed checkpoint"):
+        checkpoint.resolve_resume(out, str(checkpoint.step_dir(out, 8)))
+
+    result = train(_cfg(shards, out, "train.steps=8", "train.checkpoint_every=4"), progress=False)
+    assert result.step == 8 and (checkpoint.step_dir(out, 8) / checkpoint.MARKER).exists()
+    assert _same_weights(
+        _weights(checkpoint.step_dir(out, 8), "ema"), _weights(checkpoint.step_dir(ref_out, 8), "ema")
+    )
+
+
+def test_a_corrupt_committed_checkpoint_is_reported_not_replaced(shards, tmp_path, reference):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    checkpoint_copy = checkpoint.step_dir(out, 4)
+    checkpoint_copy.parent.mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(checkpoint.step_dir(ref_out, 4)), str(checkpoint_copy)], check=True)
+    (checkpoint_copy / "rank_00000.pt").unlink()
+    with pytest.raises(ValueError, match=r"missing rank_00000\.pt; the checkpoint is corrupt"):
+        train(_cfg(shards, out, "train.steps=8", "train.checkpoint_every=4"), progress=False)
+
+
+def test_a_non_finite_step_is_skipped_and_leaves_the_weights_alone(shards, tmp_path):
+    # warm-up covers every step, so the learning rate does not depend on train.steps
+    common = ("train.warmup_steps=10", "train.checkpoint_every=100")
+    skipped = train(
+        _cfg(shards, tmp_path / "a", "train.steps=3", *common), progress=False, fault=lambda step: step == 2
+    )
+    assert skipped.skipped == 1 and np.isnan(skipped.losses[2]) and np.isfinite(skipped.losses[:2]).all()
+    plain = train(_cfg(shards, tmp_path / "b", "train.steps=2", *common), progress=False)
+    assert plain.losses == skipped.losses[:2]
+    a, b = checkpoint.step_dir(tmp_path / "a", 3), checkpoint.step_dir(tmp_path / "b", 2)
+    for name in ("model", "ema"):
+        assert _same_weights(_weights(a, name), _weights(b, name)), name
+    assert json.loads(_last_line(tmp_path / "a" / "metrics.jsonl"))["skipped_total"] == 1
+
+
+def test_non_finite_steps_in_a_row_abort_without_a_checkpoint(shards, tmp_path):
+    cfg = _cfg(
+        shards, tmp_path / "run", "train.steps=10", "train.checkpoint_every=2", "train.max_bad_steps=3"
+    )
+    with pytest.raises(NonFiniteError, match="3 non-finite steps in a row"):
+        train(cfg, progress=False, fault=lambda step: True)
+    saved = checkpoint.committed(tmp_path / "run")  # step 2 was reached (two skipped steps)
+    assert [d.name for d in saved] == ["step_00000002"]
+    assert all(torch.isfinite(v).all() for v in _weights(saved[0], "model").values())
+
+
+def test_sigterm_checkpoints_and_exits_zero(shards, tmp_path):
+    out = tmp_path / "run"
+    args = _overrides(shards, out, "train.steps=100000", "train.checkpoint_every=100000")
+    proc = _launch(
+        [sys.executable, "-m", "pipeline", "train", "configs/tiny.yaml", *args, "--quiet"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while len(_losses(out) if (out / "metrics.jsonl").exists() else {}) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    (saved,) = checkpoint.committed(out)
+    step = int(saved.name.removeprefix("step_"))
+    assert step >= 3 and f"stopped by SIGTERM at step {step}" in err
+
+
+def _last_line(path: Path) -> str:
+    return path.read_text().splitlines()[-1]
