@@ -196,6 +196,14 @@ class TrainConfig:
     """How many committed checkpoints to keep."""
     max_bad_steps: int = 5
     """Non-finite steps in a row (each skipped) after which training stops without saving."""
+    preview_every: int = 0
+    """Steps between previews sampled from the EMA weights (0 = none)."""
+    preview_prompts: list[str] = field(
+        default_factory=lambda: ["a red circle moving right", "a blue square moving up", "a green triangle"]
+    )
+    """Prompts of the previews (an mp4 each and a contact sheet under train.out_dir/previews/)."""
+    preview_steps: int = 20
+    """Sampler steps of the previews."""
 
 
 @dataclass

@@ -144,6 +144,10 @@ def _validate_train(t: TrainConfig) -> None:
     _positive("train.steps", t.steps, allow_zero=True)
     _positive("train.lr", t.lr)
     _positive("train.max_bad_steps", t.max_bad_steps)
+    _positive("train.preview_every", t.preview_every, allow_zero=True)
+    _positive("train.preview_steps", t.preview_steps)
+    if t.preview_every and not t.preview_prompts:
+        raise ValueError("train.preview_prompts: previews (train.preview_every > 0) need at least one prompt")
     for name in ("warmup_steps", "weight_decay", "grad_clip"):
         _positive(f"train.{name}", getattr(t, name), allow_zero=True)
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):

@@ -355,6 +355,7 @@ def train(
 
     from stages.data import loader_from_config
     from stages.metrics import TrainMetrics
+    from stages.previews import write_previews
 
     rank, world, local = init_distributed()
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
@@ -406,13 +407,15 @@ def train(
     config_yaml = dump_config(cfg)
     in_a_row = 0
 
+    def ema_state() -> dict[str, Tensor] | None:
+        with ema.applied():
+            return full_state(engine.module, zero3)
+
     def save(at: int) -> Path:
         finite = all(bool(torch.isfinite(_local(p)).all()) for p in trainable)
         if not _all_finite(torch.tensor(0.0 if finite else float("nan"))):
             raise NonFiniteError(f"step {at}: the weights are not finite; not saving a checkpoint")
-        states = {"model": full_state(engine.module, zero3)}
-        with ema.applied():
-            states["ema"] = full_state(engine.module, zero3)
+        states = {"model": full_state(engine.module, zero3), "ema": ema_state()}
         rank_state = {"rng": rng_state(gen), "loader": loader.state_dict(), "ema": ema.state()}
         meta = {
             "world_size": world,
@@ -497,6 +500,10 @@ def train(
                 timestep_losses=pairs,
                 data_wait_s=wait,
             )
+            if t.preview_every and step % t.preview_every == 0:
+                state = ema_state()  # collective under ZeRO-3
+                if rank == 0:
+                    write_previews(state, cfg, step, frozen_text, device)
             if step % t.checkpoint_every == 0 or step == t.steps:
                 result.checkpoint = save(step)
         if stop["signal"]:

@@ -118,7 +118,12 @@ def _launch(args: list[str], env: dict[str, str] | None = None, **kw) -> subproc
 def test_two_process_zero_run_learns(shards, tmp_path, zero):
     out = tmp_path / "run"
     args = _overrides(
-        shards, out, f"parallel.zero_stage={zero}", "train.steps=60", "train.checkpoint_every=30", "train.lr=5e-3"
+        shards,
+        out,
+        f"parallel.zero_stage={zero}",
+        "train.steps=60",
+        "train.checkpoint_every=30",
+        "train.lr=5e-3",
     )
     proc = _launch(
         [str(ROOT / "launch.sh"), "train", "configs/tiny.yaml", *args, "--quiet"],
@@ -274,3 +279,23 @@ def test_sigterm_checkpoints_and_exits_zero(shards, tmp_path):
 
 def _last_line(path: Path) -> str:
     return path.read_text().splitlines()[-1]
+
+
+def test_previews_from_the_ema_weights(shards, tmp_path):
+    import av
+
+    cfg = _cfg(
+        shards, tmp_path / "run", "train.steps=2", "train.preview_every=2", "train.preview_steps=2",
+        "train.checkpoint_every=100",
+    )  # fmt: skip
+    train(cfg, progress=False)
+    out = tmp_path / "run" / "previews" / "step_00000002"
+    prompts = list(cfg.train.preview_prompts)
+    for i in range(len(prompts)):
+        with av.open(str(out / f"prompt_{i:02d}.mp4")) as video:
+            frames = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
+        assert len(frames) == cfg.data.frames and frames[0].shape == (cfg.data.height, cfg.data.width, 3)
+    from PIL import Image
+
+    sheet = Image.open(out / "sheet.png")
+    assert sheet.height > len(prompts) * cfg.data.height  # one row per prompt
