@@ -102,26 +102,28 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from stages.train import NonFiniteError
+
     cfg = _load(args.config)
-    if args.ray:
-        from pipeline.ray_train import ray_train
+    try:
+        if args.ray:
+            from pipeline.ray_train import ray_train
 
-        result = ray_train(
-            cfg,
-            resume=args.resume,
-            address=args.address,
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-        )
-    else:
-        from stages.train import NonFiniteError, train
+            result = ray_train(
+                cfg,
+                resume=args.resume,
+                address=args.address,
+                workers=args.workers,
+                gpus_per_worker=args.gpus_per_worker,
+            )
+        else:
+            from stages.train import train
 
-        try:
             result = train(cfg, resume=args.resume, progress=not args.quiet)
-        except NonFiniteError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-    if result is not None and getattr(result, "preempted", False):
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if getattr(result, "preempted", False):
         print(f"stopped by SIGTERM at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)
     return 0
 

@@ -139,10 +139,15 @@ def load(engine: Any, directory: Path, rank: int, world_size: int) -> tuple[int,
 
 def safe_checkpoint_engine(engine: Any) -> Any:
     """Wrap a DeepSpeed checkpoint engine so `load` unpickles with weights_only=True."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # the non-tensor types in ZeRO 1-3 optimizer-state files (the loss scaler is saved even in fp32)
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
     def load(path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals([ZeroStageEnum]):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
 
     engine.load = load

@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -399,7 +400,10 @@ def train(
         print(format_plan(info) + (f"\nresuming from {start} (step {step})" if start else ""), flush=True)
 
     stop = {"signal": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    # Python takes signal handlers only on the main thread; a launcher that runs train() on another
+    # thread (Ray Train) handles SIGTERM itself, by restarting from the last committed checkpoint.
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True)) if on_main else None
     metrics = TrainMetrics(
         out, rank=rank, total_steps=t.steps, start_step=step, log_every=t.log_every, progress=progress
     )
@@ -512,7 +516,8 @@ def train(
             result.preempted = True
     finally:
         metrics.close()
-        signal.signal(signal.SIGTERM, previous)
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
     result.step = step
     return result
 

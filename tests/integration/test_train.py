@@ -101,14 +101,18 @@ def _fixed_eval_loss(cfg, directory: Path | None) -> float:
     return loss.mean().item()
 
 
-def _launch(args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
-    """A child process with this test process's rendezvous variables removed (in-process runs set some)."""
+def _launch(args: list[str], env: dict[str, str] | None = None, threads: int = 1, **kw) -> subprocess.Popen:
+    """A child process with this test process's rendezvous variables removed (in-process runs set some).
+
+    `threads` sets the child's OMP threads: float reductions, hence exact losses, depend on it, so a
+    child that must match an in-process run uses this process's torch thread count.
+    """
     rendezvous = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
     base = {k: v for k, v in os.environ.items() if k not in rendezvous}
     return subprocess.Popen(
         args,
         cwd=ROOT,
-        env={**base, "OMP_NUM_THREADS": "1", **(env or {})},
+        env={**base, "OMP_NUM_THREADS": str(threads), **(env or {})},
         start_new_session=True,
         **kw,
     )
@@ -187,7 +191,10 @@ def test_kill_after_a_checkpoint_then_resume_reproduces_the_run(shards, tmp_path
     ref_out, ref = reference
     out = tmp_path / "run"
     args = _overrides(shards, out, "train.steps=8", "train.checkpoint_every=4")
-    proc = _launch([sys.executable, "-m", "pipeline", "train", "configs/tiny.yaml", *args, "--quiet"])
+    proc = _launch(
+        [sys.executable, "-m", "pipeline", "train", "configs/tiny.yaml", *args, "--quiet"],
+        threads=torch.get_num_threads(),
+    )
     deadline = time.monotonic() + 300
     while not (checkpoint.step_dir(out, 4) / checkpoint.MARKER).exists() and time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before its first checkpoint"

@@ -1,0 +1,154 @@
+"""Ray Train adapter for the training stage: `stages.train.train` in every worker of a `TorchTrainer`.
+
+Ray Train (the V2 API, Ray's default) starts one worker actor per rank, sets RANK / WORLD_SIZE /
+LOCAL_RANK / MASTER_ADDR / MASTER_PORT, initialises the torch process group (gloo on CPU, nccl on GPU)
+and calls our worker function in a thread of each actor; `init_distributed()` then reuses that group.
+
+Failures: when a worker dies or raises, Ray Train tears the whole group down and starts a new one (up
+to `max_failures` times). Every restarted worker calls `train(resume="auto")`, which continues from the
+newest committed checkpoint in `train.out_dir` with exact resume, so a restart loses at most
+`train.checkpoint_every` steps. Ray learns that an attempt has begun from a marker checkpoint that rank
+0 reports before training (`ray.train.get_checkpoint()` is then set in every later attempt); the
+model's own checkpoints never go through Ray.
+
+Storage: `train.out_dir` holds the checkpoints and Ray Train's run folder (`out_dir/ray/<run name>`).
+On a multi-node cluster it must be shared storage (NFS, Lustre, a mounted bucket) that every node sees
+at the same path; relative paths in the config are made absolute on the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from configs import RunConfig
+from pipeline.ray_cluster import ensure_ray
+from stages.train import NonFiniteError, TrainResult, train
+
+WorkerFn = Callable[..., TrainResult]
+"""`train`'s signature: `(cfg, *, resume, progress) -> TrainResult`."""
+
+
+@dataclass(frozen=True)
+class RayTrainResult:
+    step: int
+    """Optimizer steps done."""
+    checkpoint: Path | None
+    """The newest committed checkpoint."""
+    ray_dir: Path
+    """Ray Train's folder for this run (its state and the attempt marker)."""
+
+
+def _absolute(cfg: RunConfig) -> RunConfig:
+    """`cfg` with its input/output paths absolute, as workers do not share the driver's directory."""
+
+    def resolve(path: str) -> str:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, out_dir=resolve(cfg.train.out_dir)),
+        data=dataclasses.replace(cfg.data, shards=resolve(cfg.data.shards)),
+        text=dataclasses.replace(cfg.text, t5_path=resolve(cfg.text.t5_path)),
+    )
+
+
+def _mark_started() -> None:
+    """Collective: report the marker checkpoint from rank 0 that makes later attempts resume."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        marker = None
+        if ray.train.get_context().get_world_rank() == 0:
+            Path(tmp, "started.json").write_text(json.dumps({"resume_on_retry": "auto"}))
+            marker = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({}, checkpoint=marker)
+
+
+def _train_worker(config: dict[str, Any]) -> TrainResult | NonFiniteError:
+    """One Ray Train worker: pick `resume` for this attempt, align the CUDA device, run the stage."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    resume = config["resume"]
+    if ray.train.get_checkpoint() is not None:
+        resume = "auto"  # a restarted attempt continues from the newest committed checkpoint
+    else:
+        _mark_started()
+    if torch.cuda.is_available():
+        # train() and DeepSpeed pick the device by LOCAL_RANK; Ray shares CUDA_VISIBLE_DEVICES among a
+        # node's workers, where this worker's GPU need not have the index of its local rank.
+        os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index)
+    try:
+        return config["worker_fn"](config["cfg"], resume=resume, progress=False)
+    except NonFiniteError as err:
+        return err  # the same on every rank (the check is collective) and a retry would repeat it
+
+
+def ray_train(
+    cfg: RunConfig,
+    *,
+    resume: str = "auto",
+    address: str | None = None,
+    workers: int = 2,
+    gpus_per_worker: float = 0.0,
+    max_failures: int = 3,
+    worker_fn: WorkerFn = train,
+) -> RayTrainResult:
+    """Train on Ray: `workers` ranks (1 CPU and `gpus_per_worker` GPUs each), restarted from the newest
+    committed checkpoint up to `max_failures` times when a worker fails.
+
+    resume: as for `train`, for the first attempt; restarts always use "auto". address: a Ray cluster
+    (else $RAY_ADDRESS, else an in-process Ray). worker_fn: the function each worker runs, `train`
+    unless a test wraps it (it must be importable by name in the workers). Workers show no progress
+    bars; follow `out_dir/metrics.jsonl` or TensorBoard. Raises NonFiniteError without retrying when
+    training stops on non-finite losses, and ray.train.TrainingFailedError when failures outlast
+    `max_failures`.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2._internal.constants import is_v2_enabled  # the switch ray.train itself reads
+
+    if not is_v2_enabled():
+        raise RuntimeError("ray_train needs the Ray Train V2 API: unset RAY_TRAIN_V2_ENABLED=0")
+    if workers < 1:
+        raise ValueError(f"workers={workers}: need at least one Ray Train worker")
+    if 0 < gpus_per_worker < 1 and workers > 1:
+        raise ValueError(
+            f"gpus_per_worker={gpus_per_worker}: nccl needs a whole GPU per rank (use 0 for CPU, or >= 1)"
+        )
+    ensure_ray(address)
+    cfg = _absolute(cfg)
+    use_gpu = gpus_per_worker > 0
+    # a fresh name per call: Ray Train restores a run folder it finds, which would make a new run's
+    # first attempt look like a restart
+    name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    storage = Path(cfg.train.out_dir) / "ray"
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"cfg": cfg, "resume": resume, "worker_fn": worker_fn},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": 1, "GPU": gpus_per_worker} if use_gpu else {"CPU": 1},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    outcome = trainer.fit().return_value
+    if isinstance(outcome, NonFiniteError):
+        raise outcome
+    return RayTrainResult(step=outcome.step, checkpoint=outcome.checkpoint, ray_dir=storage / name)
