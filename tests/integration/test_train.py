@@ -53,6 +53,7 @@ def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
         "train.lr=3e-3",
         "train.warmup_steps=4",
         "train.ema_decay=0.9",
+        "data.image_fraction=0.25",  # joint image-video batches
         *extra,
     ]
 
@@ -226,6 +227,18 @@ def test_a_save_without_its_commit_marker_is_never_resumed_from(shards, tmp_path
     assert _same_weights(
         _weights(checkpoint.step_dir(out, 8), "ema"), _weights(checkpoint.step_dir(ref_out, 8), "ema")
     )
+
+
+def test_only_the_last_committed_checkpoints_are_kept(shards, tmp_path):
+    cfg = _cfg(
+        shards, tmp_path / "run", "train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=2"
+    )
+    train(cfg, progress=False)
+    assert [d.name for d in checkpoint.committed(tmp_path / "run")] == ["step_00000004", "step_00000005"]
+    assert sorted(p.name for p in checkpoint.checkpoint_root(tmp_path / "run").iterdir()) == [
+        "step_00000004",
+        "step_00000005",
+    ]
 
 
 def test_a_corrupt_committed_checkpoint_is_reported_not_replaced(shards, tmp_path, reference):

@@ -162,6 +162,9 @@ def test_resumed_tensorboard_purges_stale_steps(tmp_path):
     with TrainMetrics(tmp_path, rank=0, total_steps=6, log_every=1, progress=False) as m:
         for s in range(5):
             _step(m, s, loss=float(s))
+    # readers order event files by name, which starts with the creation second (then a per-process
+    # counter compared as text); a real resumed run starts in a later second, so this one does too
+    time.sleep(1.1)
     with TrainMetrics(tmp_path, rank=0, total_steps=6, start_step=3, log_every=1, progress=False) as m:
         for s in range(3, 6):
             _step(m, s, loss=10.0 + s)

@@ -1,14 +1,22 @@
-"""Activation checkpointing applied from outside the model changes neither outputs, gradients nor keys."""
+"""Activation checkpointing applied from outside the model changes neither outputs, gradients nor keys;
+the DeepSpeed config and learning-rate schedule follow the run config."""
 
 from __future__ import annotations
 
 import copy
+import json
 
+import pytest
 import torch
 
-from configs import ParallelConfig, model_config
+from configs import ParallelConfig, load_config, model_config
 from models.dit import VideoDiT
-from stages.parallelize import apply_activation_checkpointing, parallelize_model
+from stages.parallelize import (
+    apply_activation_checkpointing,
+    deepspeed_config,
+    lr_factor,
+    parallelize_model,
+)
 
 
 def test_activation_checkpointing_is_transparent():
@@ -39,3 +47,61 @@ def test_parallelize_model_follows_the_config():
     assert all(type(b).__name__ == "DiTBlock" for b in model.blocks)
     parallelize_model(model, ParallelConfig(activation_checkpointing=True))
     assert all(type(b).__name__ == "CheckpointWrapper" for b in model.blocks)
+
+
+def _run(*overrides):
+    return load_config(overrides=["data.batch_size=3", "parallel.grad_accum=2", *overrides])
+
+
+def test_deepspeed_config_follows_the_run_config():
+    ds = deepspeed_config(
+        _run("parallel.zero_stage=3", "parallel.precision=bf16", "parallel.offload_optimizer=true"), 4
+    )
+    assert (
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+        ds["train_batch_size"],
+    ) == (
+        3,
+        2,
+        24,
+    )
+    assert ds["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu", "pin_memory": False},
+    }
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["optimizer"]["type"] == "AdamW" and ds["gradient_clipping"] == 1.0
+
+
+def test_a_user_deepspeed_json_must_agree_with_the_run_config(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(
+        json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 0}, "x": 1})
+    )
+    merged = deepspeed_config(_run(f"parallel.deepspeed_config={path}"), 2)
+    assert merged["x"] == 1 and merged["train_batch_size"] == 12  # the user's extra keys survive
+    for bad, message in [
+        (
+            {"train_micro_batch_size_per_gpu": 4},
+            r"train_micro_batch_size_per_gpu = 4 disagrees .*data\.batch_size = 3",
+        ),
+        ({"train_batch_size": 8}, r"train_batch_size = 8 disagrees"),
+        (
+            {"gradient_accumulation_steps": 1},
+            r"gradient_accumulation_steps = 1 disagrees .*parallel\.grad_accum = 2",
+        ),
+        ({"zero_optimization": {"stage": 2}}, r"stage = 2 disagrees with parallel\.zero_stage = 0"),
+        ({"bf16": {"enabled": True}}, r"bf16\.enabled = True disagrees with parallel\.precision = fp32"),
+    ]:
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message) as err:
+            deepspeed_config(_run(f"parallel.deepspeed_config={path}"), 2)
+        assert str(path) in str(err.value)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    assert [lr_factor(s, 4, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert (
+        lr_factor(4, 4, 12) == 1.0 and abs(lr_factor(8, 4, 12) - 0.5) < 1e-12 and lr_factor(12, 4, 12) == 0.0
+    )
