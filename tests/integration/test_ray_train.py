@@ -16,13 +16,11 @@ from configs import load_config
 from pipeline.ray_cluster import ensure_ray
 from pipeline.ray_train import ray_train
 from stages import checkpoint
-from stages.preprocess import run_preprocess
-from stages.synth import run_synth
 from stages.train import NonFiniteError
 from tests.integration.ray_train_faults import KILL_RECORD, train_then_die_once, train_with_nan_losses
+from tests.integration.training_data import GEOMETRY, make_training_shards
 
 ROOT = Path(__file__).resolve().parents[2]
-GEOMETRY = ["data.frames=4", "data.height=8", "data.width=8", "data.fps=8", "model.patch_size=[1,4,4]"]
 STEPS, EVERY = 8, 4
 
 pytestmark = pytest.mark.integration
@@ -42,15 +40,7 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ray-train-data")
-    run_synth(
-        root / "synth", count=24, frames=8, size=16, fps=8.0, seed=5, image_fraction=0.25, progress=False
-    )
-    cfg = load_config(
-        overrides=[*GEOMETRY, f"preprocess.out={root / 'shards'}", "preprocess.files_per_shard=2"]
-    )
-    assert run_preprocess(cfg, [str(root / "synth")], progress=False)["failed"] == 0
-    return root / "shards"
+    return make_training_shards(tmp_path_factory.mktemp("ray-train-data"))
 
 
 def _cfg(shards: Path, out: Path, *extra: str):

@@ -19,28 +19,17 @@ from safetensors.torch import load_file
 from configs import load_config
 from models.dit import VideoDiT
 from stages import checkpoint
-from stages.preprocess import run_preprocess
-from stages.synth import run_synth
 from stages.train import NonFiniteError, train
+from tests.integration.training_data import GEOMETRY, make_training_shards
 
 ROOT = Path(__file__).resolve().parents[2]
-GEOMETRY = ["data.frames=4", "data.height=8", "data.width=8", "data.fps=8", "model.patch_size=[1,4,4]"]
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train-data")
-    run_synth(
-        root / "synth", count=24, frames=8, size=16, fps=8.0, seed=5, image_fraction=0.25, progress=False
-    )
-    cfg = load_config(
-        overrides=[*GEOMETRY, f"preprocess.out={root / 'shards'}", "preprocess.files_per_shard=2"]
-    )
-    manifest = run_preprocess(cfg, [str(root / "synth")], progress=False)
-    assert manifest["failed"] == 0
-    return root / "shards"
+    return make_training_shards(tmp_path_factory.mktemp("train-data"))
 
 
 def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
