@@ -16,7 +16,7 @@ from typing import Any
 from configs import RunConfig
 from pipeline.ray_cluster import ensure_ray
 from stages.discover import InputItem
-from stages.preprocess import Executor, ShardTask, process_shard
+from stages.preprocess import Executor, ShardTask, caption_embedder, process_shard
 
 
 class _ShardWriter:
@@ -30,13 +30,15 @@ class _ShardWriter:
         self.out = Path(out)
         p = cfg.preprocess
         self.decoder = DecodeProcess(ClipSpec.from_config(cfg), p.decode_timeout_s, p.recycle_after)
+        self.embedder = caption_embedder(cfg)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         task = json.loads(row["task"])
         shard_task = ShardTask(
             task["index"], task["name"], tuple(InputItem(**item) for item in task["items"])
         )
-        return {"record": json.dumps(process_shard(shard_task, self.cfg, self.out, self.decoder))}
+        record = process_shard(shard_task, self.cfg, self.out, self.decoder, self.embedder)
+        return {"record": json.dumps(record)}
 
 
 def ray_executor(address: str | None = None) -> Executor:

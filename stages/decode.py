@@ -208,9 +208,20 @@ def _pyav_probe(path: Path, spec: ClipSpec) -> _Probe:
         except av.FFmpegError:
             frame = None
         if frame is not None:
-            quarter_turn = round((getattr(frame, "rotation", 0) or 0) / 90.0) % 2 == 1
-            upright = (frame.width, frame.height) if quarter_turn else (frame.height, frame.width)
+            upright = _displayed_size(frame)
     return _Probe(stream.index, h, w, expected, upright)
+
+
+def _quarter_turn(rotation: float) -> bool:
+    """Whether an FFmpeg display rotation swaps width and height (±90°, ±270°)."""
+    return round((rotation or 0) / 90.0) % 2 == 1
+
+
+def _displayed_size(frame) -> tuple[int, int]:
+    """(h, w) of a PyAV frame as displayed, its rotation applied."""
+    if _quarter_turn(getattr(frame, "rotation", 0)):
+        return (frame.width, frame.height)
+    return (frame.height, frame.width)
 
 
 def _rotate_upright(frame: np.ndarray, rotation: float) -> np.ndarray:
@@ -321,15 +332,13 @@ class _PyavVideo:
     def _upright(frame, fit: _Fit) -> np.ndarray:
         """Upright RGB, scaled by libswscale to fit.scaled once the first frame has settled it."""
         rotation = getattr(frame, "rotation", 0) or 0
-        quarter_turn = round(rotation / 90.0) % 2 == 1
         if fit.source_size is None:
-            h, w = (frame.width, frame.height) if quarter_turn else (frame.height, frame.width)
-            fit.settle(h, w)
+            fit.settle(*_displayed_size(frame))
         if fit.scaled is None:
             rgb = frame.to_ndarray(format="rgb24")
         else:
             sh, sw = fit.scaled
-            coded_h, coded_w = (sw, sh) if quarter_turn else (sh, sw)
+            coded_h, coded_w = (sw, sh) if _quarter_turn(rotation) else (sh, sw)
             rgb = frame.reformat(width=coded_w, height=coded_h, format="rgb24", interpolation="BILINEAR")
             rgb = rgb.to_ndarray()
         return _rotate_upright(rgb, rotation)

@@ -45,7 +45,7 @@ def _fps_fraction(fps: float) -> Fraction:
 
 
 @contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling `path.name + ".partial"` to write; rename it to `path` on success."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
@@ -99,7 +99,7 @@ def write_mp4(frames: np.ndarray, path: Path, fps: float, *, crf: int = CRF) -> 
     if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
         raise ValueError(f"write_mp4({path}): crf must be an integer in [0, 51], got {crf!r}")
     frames = pad_to_even(frames)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         _encode(frames, tmp, _fps_fraction(fps), crf)
 
 
@@ -188,6 +188,6 @@ def contact_sheet(
             sheet.paste(Image.fromarray(cell), (x, y))
             x += cell.shape[1] + gap
 
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
     return np.asarray(sheet)

@@ -142,21 +142,20 @@ class CaptionEmbedder:
         return out
 
 
-_EMBEDDERS: dict[tuple[str, int], CaptionEmbedder] = {}
-
-
 def caption_embedder(cfg: RunConfig) -> CaptionEmbedder | None:
-    """The process-wide embedder for `cfg` when `preprocess.text_embeddings` is on, else None."""
-    if not cfg.preprocess.text_embeddings:
-        return None
-    key = (cfg.text.t5_path, cfg.text.max_length)
-    if key not in _EMBEDDERS:
-        _EMBEDDERS[key] = CaptionEmbedder(cfg)
-    return _EMBEDDERS[key]
+    """An embedder when `preprocess.text_embeddings` is on, else None; a worker builds it once."""
+    return CaptionEmbedder(cfg) if cfg.preprocess.text_embeddings else None
 
 
-def process_shard(task: ShardTask, cfg: RunConfig, out: Path, decoder: DecodeProcess) -> dict[str, Any]:
-    """Decode every item of the task, write its shard (if any sample) and its record; returns the record."""
+def process_shard(
+    task: ShardTask,
+    cfg: RunConfig,
+    out: Path,
+    decoder: DecodeProcess,
+    embedder: CaptionEmbedder | None = None,
+) -> dict[str, Any]:
+    """Decode every item of the task, write its shard (if any sample) and its record; returns the record.
+    `embedder` (see `caption_embedder`) adds caption embeddings to the samples."""
     patch = tuple(cfg.model.patch_size)
     failures = []
     decoded = []
@@ -168,7 +167,6 @@ def process_shard(task: ShardTask, cfg: RunConfig, out: Path, decoder: DecodePro
             failures.append({"path": item.id, "stage": "clips", "reason": reason})
         else:
             decoded.append((item, clips))
-    embedder = caption_embedder(cfg)
     embeddings = embedder([item.caption for item, _ in decoded]) if embedder else {}
 
     samples, lineage = [], []
@@ -241,6 +239,7 @@ def local_executor(tasks: list[ShardTask], cfg: RunConfig, out: Path) -> Iterato
     spec = ClipSpec.from_config(cfg)
     p = cfg.preprocess
     pending = list(reversed(tasks))
+    embedder = caption_embedder(cfg)  # one T5 for every worker thread (inference only)
 
     def worker() -> list[dict[str, Any]]:
         records = []
@@ -250,7 +249,7 @@ def local_executor(tasks: list[ShardTask], cfg: RunConfig, out: Path) -> Iterato
                     task = pending.pop()
                 except IndexError:
                     break
-                records.append(process_shard(task, cfg, out, decoder))
+                records.append(process_shard(task, cfg, out, decoder, embedder))
         return records
 
     workers = max(1, min(p.workers, len(tasks)))

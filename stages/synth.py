@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from stages.media_out import CRF, PRESET, X264_PARAMS, write_mp4
+from stages.media_out import CRF, PRESET, X264_PARAMS, atomic_path, write_mp4
 
 # ---------------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -206,15 +205,13 @@ def write_image(path: Path, item: dict[str, object], size: int) -> None:
     """Save one item as a PNG (no timestamps, so bytes depend only on the pixels)."""
     mask = shape_mask(str(item["shape"]), int(item["side"]))
     x, y = item["start"]
-    tmp = path.with_name(path.name + ".partial")
-    Image.fromarray(render_frame(size, str(item["color"]), mask, x, y)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(render_frame(size, str(item["color"]), mask, x, y)).save(tmp, format="PNG")
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------
