@@ -29,7 +29,11 @@ Commands:
   slurm [SBATCH-OPTION...] -- CONFIG [key=value...]   submit configs/slurm/train.sbatch
   ray-head           start a Ray head here (dashboard on 127.0.0.1 unless RAY_DASHBOARD_HOST is set)
   ray-worker HEAD_ADDRESS   join this machine to a Ray cluster
-  render ...         offline rendering through the cascade (not yet: lands with the cascade issue)
+  render --cascade FILE (--prompts FILE | --prompt TEXT...) --out DIR [--seed N] [--batch-size N] [--local]
+                     offline rendering through a cascade (one Ray actor per stage; --plan [--json] prints
+                     the stages' shapes and costs without loading weights); rerun the same command to resume
+  upscale INPUT --cascade FILE --from-stage NAME --out DIR [--prompt TEXT]
+                     take a video through a cascade's super-resolution stages from NAME on
   python ARGS...     run the virtualenv's python (e.g. ./launch.sh python -m pipeline --help)
 
 Environment knobs (defaults in brackets):
@@ -113,7 +117,7 @@ slurm() {
 }
 
 not_yet() {
-  echo "launch.sh $1: not yet available — it lands with the $2 issue. Available now: setup, test, lint, preprocess, synth, train, slurm, ray-head, ray-worker." >&2
+  echo "launch.sh $1: not yet available — it lands with the $2 issue. Available now: setup, test, lint, preprocess, synth, train, render, upscale, slurm, ray-head, ray-worker." >&2
   exit 3
 }
 
@@ -143,7 +147,7 @@ case "$cmd" in
     setup
     exec "$VENV/bin/ray" start --address "$@"
     ;;
-  render) not_yet render "cascade and rendering" ;;
+  render | upscale) setup; exec "$(venv_python)" -m pipeline "$cmd" "$@" ;;
   -h | --help | help) usage ;;
   "") usage; exit 2 ;;
   *) usage >&2; die "unknown command '$cmd'" ;;

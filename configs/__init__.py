@@ -1,7 +1,10 @@
 """Typed run configuration: schema (dataclasses), strict YAML loading, validation, fingerprints."""
 
+from configs.cascade import load_cascade, stage_factor, validate_cascade
 from configs.loader import ConfigError, dump_config, fingerprint, load_config, model_config, to_dict
 from configs.schema import (
+    CascadeConfig,
+    CascadeStageConfig,
     DataConfig,
     DiffusionConfig,
     ModelConfig,
@@ -14,6 +17,8 @@ from configs.schema import (
 )
 
 __all__ = [
+    "CascadeConfig",
+    "CascadeStageConfig",
     "ConfigError",
     "DataConfig",
     "DiffusionConfig",
@@ -26,7 +31,10 @@ __all__ = [
     "TrainConfig",
     "dump_config",
     "fingerprint",
+    "load_cascade",
     "load_config",
     "model_config",
+    "stage_factor",
     "to_dict",
+    "validate_cascade",
 ]

@@ -45,18 +45,24 @@ def _closest_key(schema: type, full_key: str) -> str:
     return ".".join([*prefix, match[0]]) if match else ""
 
 
-def _checked_layer(base: DictConfig, layer: DictConfig, source: str, schema: type) -> None:
-    """Merge `layer` onto a copy of `base` only to raise a ConfigError naming `source` on a bad key/type."""
+def _checked_layer(
+    base: DictConfig, layer: DictConfig, source: str, schema: type, key_prefix: str = ""
+) -> None:
+    """Merge `layer` onto a copy of `base` only to raise a ConfigError naming `source` on a bad key/type.
+
+    `key_prefix` (e.g. "stages[2].") is put before the keys named in errors when `layer` is one element
+    of a list in a larger file.
+    """
     try:
         OmegaConf.merge(base, layer)
     except ConfigKeyError as err:
         key = err.full_key or str(err.key)
         hint = _closest_key(schema, key)
-        suggestion = f"; did you mean '{hint}'?" if hint else ""
-        raise ConfigError(f"{source}: unknown key '{key}'{suggestion}") from None
+        suggestion = f"; did you mean '{key_prefix}{hint}'?" if hint else ""
+        raise ConfigError(f"{source}: unknown key '{key_prefix}{key}'{suggestion}") from None
     except OmegaConfBaseException as err:
         first = str(err).splitlines()[0]
-        raise ConfigError(f"{source}: invalid value for '{err.full_key}': {first}") from None
+        raise ConfigError(f"{source}: invalid value for '{key_prefix}{err.full_key}': {first}") from None
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -69,6 +75,27 @@ def _read_yaml(path: Path) -> DictConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
     return OmegaConf.create(raw)
+
+
+def _merge_with_preset(base: DictConfig, layers: Sequence[DictConfig], key_prefix: str = "") -> DictConfig:
+    """`layers` (already checked) merged onto `base`; a model `preset` named in any of them fills
+    width/depth/heads beneath the explicit values.
+
+    `base` is a structured ModelConfig, or a structured config with a `model` field (a RunConfig, a
+    cascade stage); `key_prefix` names where it sits in errors (e.g. "stages[0].").
+    """
+    merged = OmegaConf.merge(base, *layers)
+    nested = "model" in merged
+    preset = merged.model.preset if nested else merged.preset
+    if not preset:
+        return merged
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(
+            f"{key_prefix}model.preset: unknown preset '{preset}'; expected one of {list(MODEL_PRESETS)}"
+        )
+    values = MODEL_PRESETS[preset]
+    preset_layer = OmegaConf.create({"model": values} if nested else values)
+    return OmegaConf.merge(base, preset_layer, *layers)
 
 
 def load_config(
@@ -91,18 +118,7 @@ def load_config(
         _checked_layer(base, layer, f"override '{item}'", schema)
         layers.append(layer)
 
-    merged = OmegaConf.merge(base, *layers)
-    preset = merged.model.preset if schema is RunConfig else merged.preset
-    if preset:
-        if preset not in MODEL_PRESETS:
-            raise ConfigError(
-                f"model.preset: unknown preset '{preset}'; expected one of {list(MODEL_PRESETS)}"
-            )
-        values = MODEL_PRESETS[preset]
-        preset_layer = OmegaConf.create({"model": values} if schema is RunConfig else values)
-        merged = OmegaConf.merge(base, preset_layer, *layers)
-
-    cfg = OmegaConf.to_object(merged)
+    cfg = OmegaConf.to_object(_merge_with_preset(base, layers))
     try:
         validate(cfg)
     except ValueError as err:

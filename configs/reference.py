@@ -11,7 +11,7 @@ import inspect
 from itertools import pairwise
 
 from configs import schema
-from configs.schema import RunConfig
+from configs.schema import CascadeConfig, CascadeStageConfig, RunConfig
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -31,7 +31,18 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def _default(f: dataclasses.Field) -> str:
     value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if dataclasses.is_dataclass(value):
+        return f"{type(value).__name__}()"  # its fields have their own table
     return repr(value) if not isinstance(value, str) else f'"{value}"'
+
+
+def _table(prefix: str, cls: type) -> list[str]:
+    """A markdown table of `cls`'s fields, each named `{prefix}{field}`."""
+    docs = field_docs(cls)
+    lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        lines.append(f"| `{prefix}{f.name}` | `{f.type}` | `{_default(f)}` | {docs.get(f.name, '')} |")
+    return [*lines, ""]
 
 
 def render() -> str:
@@ -50,16 +61,20 @@ def render() -> str:
         if not dataclasses.is_dataclass(section):
             continue
         cls = type(section)
-        docs = field_docs(cls)
-        lines += [
-            f"## `{top.name}` — {inspect.getdoc(cls)}",
-            "",
-            "| field | type | default | meaning |",
-            "|---|---|---|---|",
-        ]
-        for f in dataclasses.fields(cls):
-            lines.append(f"| `{top.name}.{f.name}` | `{f.type}` | `{_default(f)}` | {docs.get(f.name, '')} |")
-        lines.append("")
+        lines += [f"## `{top.name}` — {inspect.getdoc(cls)}", "", *_table(f"{top.name}.", cls)]
+    lines += [
+        f"## Cascade files (`configs/cascade/*.yaml`) — {inspect.getdoc(CascadeConfig)}",
+        "",
+        "Loaded by `configs.load_cascade` (strict like run configs); override one stage's field as",
+        "`stages.<index>.<field>=value`. Shape rules and the render plan: `docs/CASCADE.md`.",
+        "",
+        *_table("", CascadeConfig),
+        f"### `stages[i]` — {inspect.getdoc(CascadeStageConfig)}",
+        "",
+        "`stages[i].model` has the fields of the `model` section above (`stages[i].model.preset`, ...).",
+        "",
+        *_table("stages[i].", CascadeStageConfig),
+    ]
     return "\n".join(lines)
 
 

@@ -18,6 +18,8 @@ class ModelConfig:
     """Size preset (tiny, S, B, L, XL) filling width/depth/heads; explicit values still win."""
     kind: str = "base"
     """base, tsr (temporal super-resolution) or ssr (spatial super-resolution)."""
+    sr_factor: int = 2
+    """Super-resolution factor: tsr multiplies frames and fps by it, ssr height and width (base: unused)."""
     in_channels: int = 3
     """Channels of the video being denoised (3 for RGB pixel space)."""
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
@@ -126,6 +128,8 @@ class DataConfig:
     """Samples held per worker (and kind) in the shuffle buffer."""
     max_pending: int = 0
     """Bound on samples waiting in shape buckets before a smaller batch is emitted; 0 = 4 × batch_size."""
+    reduce: bool = False
+    """Shrink larger clips to frames × height × width (k-th frames, antialiased): one cascade, one dataset."""
     allow_pipe: bool = False
     """Allow `pipe:` shard URLs (they run shell commands); off by default."""
 
@@ -204,6 +208,8 @@ class TrainConfig:
     """Prompts of the previews (an mp4 each and a contact sheet under train.out_dir/previews/)."""
     preview_steps: int = 20
     """Sampler steps of the previews."""
+    crop: list[int] = field(default_factory=list)
+    """[H, W] random crop per training clip (high-res SSR trains on crops, samples full frames); [] = none."""
 
 
 @dataclass
@@ -234,6 +240,54 @@ class RenderConfig:
     """Sampling seed."""
     batch_size: int = 1
     """Prompts sampled together per stage."""
+    save_intermediate: bool = True
+    """Also write each earlier stage's video as an mp4 (float outputs of every stage are kept for resume)."""
+    contact_sheet: bool = True
+    """Write a PNG contact sheet per prompt (one row per stage, frames across)."""
+
+
+@dataclass
+class CascadeStageConfig:
+    """One stage of a rendering cascade (`configs/cascade/*.yaml`): its model and its output shape."""
+
+    name: str = ""
+    """Stage name, unique in the cascade (used in output file names and `upscale --from-stage`)."""
+    kind: str = "base"
+    """base (text → video; only the first stage), tsr or ssr."""
+    checkpoint: str = ""
+    """A training out_dir (newest committed checkpoint) or a committed step dir; empty until trained."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape for `render --plan` while there is no checkpoint (a checkpoint's own config wins)."""
+    frames: int = 8
+    """Output frames T."""
+    height: int = 32
+    """Output height H in pixels."""
+    width: int = 32
+    """Output width W in pixels."""
+    fps: float = 8.0
+    """Output frame rate (0 for still images)."""
+    sampler: str = "ddim"
+    """ddpm, ddim or dpmpp_2m."""
+    steps: int = 50
+    """Sampling steps."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance weight (1 disables guidance)."""
+    guidance_schedule: str = "constant"
+    """constant or oscillating (high weight first, then alternating with guidance_low)."""
+    guidance_low: float = 1.0
+    """The low weight of the oscillating schedule."""
+    cond_aug_level: float = 0.1
+    """Super-resolution: conditioning-augmentation level applied to the previous stage's output."""
+
+
+@dataclass
+class CascadeConfig:
+    """An ordered cascade: a base stage, then temporal / spatial super-resolution stages."""
+
+    name: str = "cascade"
+    """Cascade name (recorded in each video's sidecar)."""
+    stages: list[CascadeStageConfig] = field(default_factory=list)
+    """The stages in order; each stage's input is the previous stage's output."""
 
 
 @dataclass

@@ -73,6 +73,45 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         raise ValueError(f"{prefix}.width: {m.width} must be divisible by 8 for sincos positions")
 
 
+def _validate_super_resolution(cfg: RunConfig) -> None:
+    """SR factor and the clip, crop and batch kinds a TSR/SSR stage can train on."""
+    m, d, crop = cfg.model, cfg.data, cfg.train.crop
+    if crop:
+        if len(crop) != 2 or min(crop) <= 0:
+            raise ValueError(f"train.crop: got {crop}, expected [] or [H, W] with H, W > 0")
+        if crop[0] > d.height or crop[1] > d.width:
+            raise ValueError(
+                f"train.crop: {crop} is larger than the clip {d.height}×{d.width} (data.height/width)"
+            )
+        _, ph, pw = m.patch_size
+        if crop[0] % ph or crop[1] % pw:
+            raise ValueError(
+                f"train.crop: {crop} is not divisible by the patch ({ph}, {pw}) of model.patch_size"
+            )
+    if m.kind == "base":
+        return
+    k = m.sr_factor
+    if k < 2:
+        raise ValueError(f"model.sr_factor: got {k}, expected an integer >= 2 for a {m.kind} model")
+    if m.kind == "tsr":
+        if d.frames % k:
+            raise ValueError(
+                f"data.frames={d.frames} is not a multiple of model.sr_factor={k} "
+                "(tsr keeps every k-th frame)"
+            )
+        if d.image_fraction > 0:
+            raise ValueError(
+                "data.image_fraction: a tsr model trains on videos only (packed images have no motion)"
+            )
+        return
+    height, width = crop if crop else (d.height, d.width)
+    if height % k or width % k:
+        what = "train.crop" if crop else "data.height × data.width"
+        raise ValueError(
+            f"{what} = {height}×{width} is not divisible by model.sr_factor={k} (ssr downsamples by it)"
+        )
+
+
 def _validate_text(t: TextConfig) -> None:
     _choice("text.encoder", t.encoder)
     for name in ("max_length", "width", "depth", "heads"):
@@ -181,6 +220,7 @@ def validate(cfg: Any) -> None:
             f"got text.encoder={cfg.text.encoder} (the byte encoder trains with the model)"
         )
     _validate_train(cfg.train)
+    _validate_super_resolution(cfg)
     _validate_parallel(cfg.parallel)
     if cfg.text.encoder == "byte" and cfg.model.text_dim != cfg.text.width:
         raise ValueError(

@@ -6,15 +6,14 @@ Configs are given as YAML paths followed by dotted overrides (`model.depth=12`),
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from configs import ConfigError, RunConfig, dump_config, fingerprint, load_config
+from configs import ConfigError, RenderConfig, RunConfig, dump_config, fingerprint, load_config
 
 NOT_YET = {
-    "render": "cascade and rendering",
-    "upscale": "cascade and rendering",
     "run": "end-to-end pipeline",
     "status": "end-to-end pipeline",
 }
@@ -128,6 +127,89 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render_settings(args: argparse.Namespace) -> RenderConfig:
+    return RenderConfig(
+        out_dir=args.out,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        save_intermediate=not args.no_intermediate,
+        contact_sheet=not args.no_sheet,
+    )
+
+
+def _render_executor(args: argparse.Namespace):
+    if args.local:
+        return None  # stages.render's default: every stage in this process
+    from pipeline.ray_render import ray_executor
+
+    return ray_executor(args.address)
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from configs import load_cascade
+
+    cascade = load_cascade(args.cascade, args.overrides)
+    if args.plan:
+        from stages.cascade_plan import format_plan, plan_cascade
+
+        rows = plan_cascade(cascade, batch_size=args.batch_size)
+        print(json.dumps(rows, indent=2) if args.json else format_plan(rows))
+        return 0
+    if args.json:
+        raise ValueError("--json goes with --plan")
+    if not args.out:
+        raise ValueError("render needs --out DIR (or --plan to only print the plan)")
+    if bool(args.prompts) == bool(args.prompt):
+        raise ValueError("render needs either --prompts FILE or --prompt TEXT (repeatable), not both")
+    from stages.render import Prompt, read_prompts, render, summary_table
+
+    prompts = read_prompts(args.prompts) if args.prompts else [Prompt(text) for text in args.prompt]
+    summary = render(
+        cascade,
+        prompts,
+        _render_settings(args),
+        cascade_file=str(args.cascade),
+        executor=_render_executor(args),
+        progress=not args.quiet,
+    )
+    print(summary_table(summary))
+    return 0
+
+
+def _cmd_upscale(args: argparse.Namespace) -> int:
+    from configs import load_cascade
+    from stages.render import summary_table, upscale
+
+    cascade = load_cascade(args.cascade, args.overrides)
+    summary = upscale(
+        cascade,
+        args.input,
+        args.from_stage,
+        _render_settings(args),
+        prompt=args.prompt,
+        cascade_file=str(args.cascade),
+        executor=_render_executor(args),
+        progress=not args.quiet,
+    )
+    print(summary_table(summary))
+    return 0
+
+
+def _render_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by render and upscale."""
+    p.add_argument("overrides", nargs="*", help="cascade overrides key=value (e.g. stages.1.steps=16)")
+    p.add_argument("--cascade", required=True, help="cascade YAML (configs/cascade/*.yaml)")
+    p.add_argument("--seed", type=int, default=RenderConfig.seed, help="sampling seed")
+    p.add_argument(
+        "--batch-size", type=int, default=RenderConfig.batch_size, help="prompts sampled together per stage"
+    )
+    p.add_argument("--no-intermediate", action="store_true", help="no mp4 for the earlier stages")
+    p.add_argument("--no-sheet", action="store_true", help="no contact sheet")
+    p.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process Ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker (--ray)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("render", help="render prompts through a cascade (one Ray actor per stage; --local)")
+    _render_options(p)
+    p.add_argument("--prompts", help="prompts file: one per line, blank lines and # comments skipped")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--out", help="output directory (one folder per prompt; rerun to resume)")
+    p.add_argument("--plan", action="store_true", help="print the stages' shapes and costs; load nothing")
+    p.add_argument("--json", action="store_true", help="with --plan: print the rows as JSON")
+    p.set_defaults(func=_cmd_render)
+    p = sub.add_parser("upscale", help="take a clip through a cascade's super-resolution stages")
+    p.add_argument("input", help="video (or image, for still cascades) to upscale")
+    _render_options(p)
+    p.add_argument("--from-stage", required=True, help="first stage to run (a tsr or ssr stage)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--prompt", default="", help="optional text; empty samples with guidance 1")
+    p.set_defaults(func=_cmd_upscale)
     for name, issue in NOT_YET.items():
         p = sub.add_parser(name, help=f"(not yet: lands with the {issue} issue)")
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -180,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also follow the options (`preprocess IN --out DIR a.b=1`)
-        target = "items" if hasattr(args, "items") else "config" if hasattr(args, "config") else None
+        names = [name for name in ("items", "config", "overrides") if hasattr(args, name)]
+        target = names[0] if names else None
         if target is None or any("=" not in item or item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, target, getattr(args, target) + extra)

@@ -61,6 +61,25 @@ def resolve_resume(out_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
+def resolve_committed(path: str | Path, what: str = "checkpoint") -> Path:
+    """A committed step directory from `path`: that directory itself, or the newest committed checkpoint
+    of a training out_dir. FileNotFoundError naming `what` and the path when there is none."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what}: {path} does not exist (train the model first, or fix the path)")
+    found = committed(path)
+    if not found:
+        partial = (
+            " (a step directory without its COMMITTED marker: a partial save?)"
+            if path.name.startswith("step_")
+            else ""
+        )
+        raise FileNotFoundError(f"{what}: no committed checkpoint under {path}{partial}")
+    return found[-1]
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

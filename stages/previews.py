@@ -1,15 +1,22 @@
-"""Training previews: a few fixed prompts sampled from the EMA weights, an mp4 per prompt and a PNG
-contact sheet (one row per prompt), under `train.out_dir/previews/step_XXXXXXXX/`."""
+"""Training previews sampled from the EMA weights, under `train.out_dir/previews/step_XXXXXXXX/`.
+
+A base model samples the fixed `train.preview_prompts`: an mp4 per prompt and a PNG contact sheet (one
+row per prompt). A super-resolution model upsamples held training clips instead (the first video batch
+of the run, degraded exactly as in training): an mp4 per clip
+and a sheet with three rows per clip — its low-resolution input, the sample and the target.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from configs import RunConfig
 from models.dit import VideoDiT
+from models.superres import degrade
 from models.text import ByteTextEncoder
 from stages.media_out import contact_sheet, write_mp4
 from stages.sampling import generate, to_uint8
@@ -21,9 +28,11 @@ def write_previews(
     step: int,
     frozen_text: nn.Module | None = None,
     device: torch.device | str = "cpu",
+    clips: dict[str, Any] | None = None,
 ) -> Path:
-    """Sample `train.preview_prompts` on `device` from a full trainer state dict (`dit.*`, and `text.*`
-    for the byte encoder; a frozen T5 is passed as `frozen_text`); returns the preview directory."""
+    """Sample previews on `device` from a full trainer state dict (`dit.*`, and `text.*` for the byte
+    encoder; a frozen T5 is passed as `frozen_text`); returns the preview directory. Super-resolution
+    models need `clips`, a video batch (`x` (B, C, T, H, W) in [-1, 1], `captions`, `fps`)."""
     model = VideoDiT(cfg.model)
     model.load_weights({k.removeprefix("dit."): v for k, v in state.items() if k.startswith("dit.")})
     text = frozen_text
@@ -32,23 +41,41 @@ def write_previews(
         text = ByteTextEncoder(dim=t.width, depth=t.depth, heads=t.heads, max_length=t.max_length)
         text.load_state_dict({k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")})
     model, text = model.to(device), text.to(device)
-    d, prompts = cfg.data, list(cfg.train.preview_prompts)
+    d = cfg.data
+    n = len(cfg.train.preview_prompts)
+    if cfg.model.kind == "base":
+        prompts, target, cond, fps = list(cfg.train.preview_prompts), None, None, d.fps
+        shape = (d.frames, d.height, d.width)
+    else:
+        if clips is None:
+            raise ValueError(f"previews of a {cfg.model.kind} model need a batch of training clips")
+        target, prompts, fps = clips["x"][:n], list(clips["captions"][:n]), float(clips["fps"][0])
+        shape = tuple(target.shape[2:])
+        cond = degrade(target, cfg.model.kind, cfg.model.sr_factor)  # noised to the level by generate
     with torch.random.fork_rng():  # sampling must not move the training run's random streams
         video = generate(
             model,
             text,
             prompts,
-            frames=d.frames,
-            height=d.height,
-            width=d.width,
-            fps=d.fps,
+            frames=shape[0],
+            height=shape[1],
+            width=shape[2],
+            fps=fps,
             diffusion=cfg.diffusion,
             seed=cfg.train.seed,
+            cond=cond,
             steps=cfg.train.preview_steps,
         )
     frames = to_uint8(video)
     out = Path(cfg.train.out_dir) / "previews" / f"step_{step:08d}"
     for i, clip in enumerate(frames):
-        write_mp4(clip, out / f"prompt_{i:02d}.mp4", d.fps)
-    contact_sheet(list(frames), out / "sheet.png", labels=prompts)
+        write_mp4(clip, out / f"prompt_{i:02d}.mp4", fps)
+    if target is None:
+        contact_sheet(list(frames), out / "sheet.png", labels=prompts)
+    else:
+        rows, labels = [], []
+        for low_i, sample, want, prompt in zip(to_uint8(cond), frames, to_uint8(target), prompts):
+            rows += [low_i, sample, want]
+            labels += [f"input: {prompt}", "sample", "target"]
+        contact_sheet(rows, out / "sheet.png", labels=labels)
     return out

@@ -3,7 +3,7 @@ cascade rendering alike.
 
 `generate` encodes the prompts, draws noise, and runs the configured sampler with classifier-free
 guidance (per-step weight from `guidance_scale_at`, optional dynamic thresholding). Each prompt owns a
-CPU `torch.Generator` seeded from (seed, prompt index) and its own sampler instance: its starting noise,
+CPU `torch.Generator` seeded from (seed, prompt key) and its own sampler instance: its starting noise,
 any noise the sampler adds (DDPM, DDIM with eta > 0) and any multistep state come from that prompt alone,
 so a prompt's video does not depend on which other prompts share its batch, nor on the device.
 Only the model call is batched (the model sees every prompt of the batch at once). An image is a video
@@ -24,6 +24,7 @@ from configs.schema import DiffusionConfig
 from models.diffusion import (
     CosineSchedule,
     Sampler,
+    augment_condition,
     classifier_free_guidance,
     dynamic_threshold,
     gaussian_like,
@@ -33,11 +34,35 @@ from models.diffusion import (
 from models.dit import VideoDiT
 
 
-def item_generator(seed: int, index: int) -> torch.Generator:
-    """The CPU generator for prompt `index` of a run seeded with `seed` (well-mixed, no collisions between
-    nearby (seed, index) pairs)."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+def item_generator(seed: int, *key: int) -> torch.Generator:
+    """The CPU generator for item `key` of a run seeded with `seed`: `item_generator(seed, i)` for prompt
+    i, or a longer key such as (prompt, stage) in a cascade. Well-mixed, no collisions between nearby
+    keys; note that `SeedSequence` pads keys shorter than four words with zeros, so (i,) and (i, 0)
+    give the same generator: keys meant to differ should differ in a non-zero word."""
+    state = np.random.SeedSequence([seed, *key]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator(device="cpu").manual_seed(int(state))
+
+
+def _strip_zeros(key: tuple[int, ...]) -> tuple[int, ...]:
+    end = len(key)
+    while end and key[end - 1] == 0:
+        end -= 1
+    return key[:end]
+
+
+def _check_keys(item_keys: list[tuple[int, ...]], count: int) -> None:
+    """Raise ValueError unless `item_keys` is one tuple of non-negative ints per prompt, all drawing
+    different noise (keys equal up to trailing zeros share a generator, see `item_generator`)."""
+    if len(item_keys) != count:
+        raise ValueError(f"item_keys: expected one key per prompt ({count}), got {len(item_keys)}")
+    for key in item_keys:
+        if not isinstance(key, tuple) or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in key
+        ):
+            raise ValueError(f"item_keys: each key must be a tuple of integers >= 0, got {key!r}")
+    canonical = {_strip_zeros(key) for key in item_keys}
+    if len(canonical) != len(item_keys):
+        raise ValueError(f"item_keys: keys must be distinct (equal keys draw equal noise), got {item_keys}")
 
 
 def _check_args(prompts: list[str], frames: int, height: int, width: int, fps: float, seed: int) -> None:
@@ -66,6 +91,7 @@ def generate(
     cond_aug: float | None = None,
     steps: int | None = None,
     guidance_scale: float | None = None,
+    item_keys: list[tuple[int, ...]] | None = None,
     progress: bool = False,
 ) -> Tensor:
     """Sample one (C, frames, height, width) video per prompt; returns float (B, C, T, H, W) in [-1, 1].
@@ -73,13 +99,20 @@ def generate(
     Sampler, steps, eta, prediction, guidance weight and schedule, dynamic thresholding and the
     resolution shift of the noise schedule come from `diffusion`; `steps` and `guidance_scale` override
     the configured values. `fps` is the frame-rate conditioning (0 marks still images, as in training).
-    Super-resolution models take `cond`, the upsampled low-resolution video (B, C, T, H, W), as given,
-    and `cond_aug`, the augmentation level it was noised to (default `diffusion.cond_aug_level`).
+    Super-resolution models take `cond`, the previous stage's output brought to this stage's shape by
+    `models.superres.upsample_video` (B, C, T, H, W): it is noised to `cond_aug` (default
+    `diffusion.cond_aug_level`) with each prompt's generator, the model denoises the residual over it
+    (as in training, `stages.train.sr_pair`), and the result is residual + cond.
+    `item_keys` names each prompt's random stream, `item_generator(seed, *key)` (default: the prompt's
+    position, `(i,)`); a cascade passes (prompt index, stage index) so each prompt's noise is the same
+    whichever batch it is sampled in.
     Runs without gradients, with the model and text encoder in eval mode (their modes are restored).
     """
     _check_args(prompts, frames, height, width, fps, seed)
     if cond is None and cond_aug is not None:
         raise ValueError("cond_aug is set but cond is None: only super-resolution models take cond_aug")
+    keys = [(i,) for i in range(len(prompts))] if item_keys is None else [tuple(k) for k in item_keys]
+    _check_keys(keys, len(prompts))
     steps = diffusion.steps if steps is None else steps
     scale = diffusion.guidance_scale if guidance_scale is None else guidance_scale
     schedule = CosineSchedule.from_config(diffusion, numel=frames * height * width)
@@ -90,7 +123,7 @@ def generate(
         make_sampler(diffusion.sampler, schedule, steps, diffusion.prediction, diffusion.eta, thresholding)
         for _ in prompts
     ]
-    generators = [item_generator(seed, i) for i in range(len(prompts))]
+    generators = [item_generator(seed, *key) for key in keys]
     weights = [
         guidance_scale_at(
             i,
@@ -110,13 +143,26 @@ def generate(
         model.eval()
         text_encoder.eval()
         with torch.no_grad():
-            kwargs = _model_kwargs(text_encoder, prompts, fps, cond, cond_aug, diffusion, param)
+            level = diffusion.cond_aug_level if cond_aug is None else cond_aug
+            noisy_cond = None if cond is None else _augment(cond.float().cpu(), level, schedule, generators)
+            kwargs = _model_kwargs(text_encoder, prompts, fps, noisy_cond, level, param)
             noise = torch.cat([gaussian_like(torch.empty(shape), g) for g in generators])  # (B, C, T, H, W)
             video = _denoise(model, noise.to(param.device), samplers, generators, weights, kwargs, progress)
+            if cond is not None:
+                video = video + cond.to(video)  # the model samples the residual over the upsampled input
     finally:
         for module, mode in modes:
             module.train(mode)
     return video.clamp(-1.0, 1.0)
+
+
+def _augment(
+    cond: Tensor, level: float, schedule: CosineSchedule, generators: list[torch.Generator]
+) -> Tensor:
+    """Each item's conditioning noised to `level` with its own generator (drawn before its start noise)."""
+    if cond.shape[0] != len(generators):
+        raise ValueError(f"cond has {cond.shape[0]} videos for {len(generators)} prompts")
+    return torch.cat([augment_condition(c[None], level, schedule, g) for c, g in zip(cond, generators)])
 
 
 def _model_kwargs(
@@ -124,8 +170,7 @@ def _model_kwargs(
     prompts: list[str],
     fps: float,
     cond: Tensor | None,
-    cond_aug: float | None,
-    diffusion: DiffusionConfig,
+    level: float,
     param: Tensor,
 ) -> dict[str, Tensor]:
     """The model's conditioning keywords for the batch, on the model's device (floats in its dtype)."""
@@ -137,7 +182,6 @@ def _model_kwargs(
         "fps": torch.full((batch,), float(fps), device=device),  # (B,)
     }
     if cond is not None:
-        level = diffusion.cond_aug_level if cond_aug is None else cond_aug
         kwargs["cond"] = cond.to(device=device, dtype=param.dtype)  # (B, C, T, H, W)
         kwargs["cond_aug"] = torch.full((batch,), float(level), device=device)  # (B,)
     return kwargs

@@ -29,9 +29,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from configs import RunConfig, dump_config
-from models.diffusion import CosineSchedule, training_loss
+from models.diffusion import CosineSchedule, augment_condition, sample_augment_levels, training_loss
 from models.dit import VideoDiT
 from models.flops import forward_flops, parameter_count, token_grid
+from models.superres import degrade, reduce_video
 from models.text import ByteTextEncoder, T5TextEncoder
 from stages import checkpoint
 from stages.parallelize import deepspeed_config, lr_factor, parallelize_model
@@ -71,6 +72,8 @@ class DiffusionTrainer(nn.Module):
         fps: Tensor,
         drop_text: Tensor,
         segments: Tensor | None = None,
+        cond: Tensor | None = None,
+        cond_aug: Tensor | None = None,
     ) -> Tensor:
         if text is None:
             if self.text is None:
@@ -95,6 +98,7 @@ class DiffusionTrainer(nn.Module):
             fps=fps,
             drop_text=drop_text,
             segments=segments,
+            **({} if cond is None else {"cond": cond, "cond_aug": cond_aug}),
         )
 
 
@@ -219,10 +223,11 @@ def init_distributed() -> tuple[int, int, int]:
 def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """What a run will do per step, computed from the config alone (the plan printed before training)."""
     d, p = cfg.data, cfg.parallel
+    height, width = cfg.train.crop or (d.height, d.width)
     params = parameter_count(cfg.model)
-    grid = token_grid(cfg.model, d.frames, d.height, d.width)
+    grid = token_grid(cfg.model, d.frames, height, width)
     global_batch = d.batch_size * p.grad_accum * world_size
-    fwd = forward_flops(cfg.model, d.frames, d.height, d.width, cfg.text.max_length).total
+    fwd = forward_flops(cfg.model, d.frames, height, width, cfg.text.max_length).total
     # model states per device (DeepSpeed ZeRO accounting): weights, gradients, fp32 master + Adam m, v
     w_bytes = 2 if p.precision in ("bf16", "fp16") else 4
     master = 4 if p.precision in ("bf16", "fp16") else 0
@@ -340,6 +345,41 @@ def _draw(batch: dict[str, Any], gen: torch.Generator, dropout: float) -> tuple[
     return t, noise, drop
 
 
+def fit_batch(batch: dict[str, Any], cfg: RunConfig, gen: torch.Generator) -> dict[str, Any]:
+    """The batch at the stage's training geometry: reduced to data.frames × height × width when
+    data.reduce is set (fps divided by the frame stride), then randomly cropped per item to train.crop."""
+    x, d, crop = batch["x"], cfg.data, cfg.train.crop
+    if d.reduce:
+        frames = d.frames if batch["kind"] == "video" else x.shape[2]  # packed images keep every image
+        if tuple(x.shape[2:]) != (frames, d.height, d.width):
+            stride = x.shape[2] // frames
+            x = reduce_video(x, frames, d.height, d.width)
+            if batch["kind"] == "video":
+                batch = {**batch, "fps": batch["fps"] / stride}
+    if crop:
+        height, width = x.shape[-2:]
+        if height < crop[0] or width < crop[1]:
+            raise ValueError(f"train.crop {crop} is larger than the batch's {height}×{width} frames")
+        ys = torch.randint(0, height - crop[0] + 1, (x.shape[0],), generator=gen).tolist()
+        xs = torch.randint(0, width - crop[1] + 1, (x.shape[0],), generator=gen).tolist()
+        x = torch.stack([v[..., y : y + crop[0], c : c + crop[1]] for v, y, c in zip(x, ys, xs)])
+    return {**batch, "x": x}
+
+
+def sr_pair(
+    x: Tensor, cfg: RunConfig, schedule: CosineSchedule, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(residual, cond, level) of a super-resolution batch of target clips `x`.
+
+    The upsampled input `up = degrade(x)` (models.superres) is what the stage will receive at render time;
+    the model denoises the residual `x - up` and sees `up` noised to a level drawn uniformly from
+    [0, diffusion.cond_aug_max] per item, which it is also given.
+    """
+    levels = sample_augment_levels(x.shape[0], cfg.diffusion.cond_aug_max, gen)
+    up = degrade(x, cfg.model.kind, cfg.model.sr_factor)
+    return x - up, augment_condition(up, levels, schedule, gen), levels
+
+
 def train(
     cfg: RunConfig,
     *,
@@ -439,20 +479,26 @@ def train(
         )
 
     batches = iter(loader)
+    preview_clips = None  # super-resolution previews upsample the run's first video batch
     try:
         while step < t.steps and not stop["signal"]:
             losses, pairs, wait, bad = [], [], 0.0, False
             samples = tokens = 0
             for _ in range(cfg.parallel.grad_accum):
                 tick = time.perf_counter()
-                batch = next(batches)
+                batch = fit_batch(next(batches), cfg, gen)
                 wait += time.perf_counter() - tick
+                if preview_clips is None and batch["kind"] == "video":
+                    preview_clips = batch
                 tt, noise, drop = _draw(batch, gen, t.text_dropout)
+                x0, cond, aug = batch["x"], None, None
+                if cfg.model.kind != "base":
+                    x0, cond, aug = sr_pair(x0, cfg, module.schedule, gen)
                 text, mask = batch["text"], batch["text_mask"]
                 if text is None and frozen_text is not None:
                     text, mask = _encode_frozen(frozen_text, batch)
                 per_sample = engine(
-                    batch["x"].to(device, dtype),
+                    x0.to(device, dtype),
                     tt.to(device),
                     noise.to(device, dtype),
                     captions=_flat_captions(batch),
@@ -461,6 +507,8 @@ def train(
                     fps=batch["fps"].to(device),
                     drop_text=drop.to(device),
                     segments=None if batch["segments"] is None else batch["segments"].to(device),
+                    cond=None if cond is None else cond.to(device, dtype),
+                    cond_aug=None if aug is None else aug.to(device),
                 )
                 loss = per_sample.mean()
                 if fault is not None and fault(step):
@@ -507,7 +555,7 @@ def train(
             if t.preview_every and step % t.preview_every == 0:
                 state = ema_state()  # collective under ZeRO-3
                 if rank == 0:
-                    write_previews(state, cfg, step, frozen_text, device)
+                    write_previews(state, cfg, step, frozen_text, device, preview_clips)
             if step % t.checkpoint_every == 0 or step == t.steps:
                 result.checkpoint = save(step)
         if stop["signal"]:

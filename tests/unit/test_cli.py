@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from pathlib import Path
 
+import av
+import pytest
+
 from configs import load_config
 from pipeline.cli import main
+from stages.render_output import load_video_tensor
+from tests.render_fixtures import VIDEO_STAGES, build_cascade, write_cascade
 
 ROOT = Path(__file__).resolve().parents[2]
+MEDIA = Path(os.environ.get("TESSERA_MEDIA", ROOT.parent / "shared" / "media"))
+NO_MEDIA = f"shared test media not found at {MEDIA} (set TESSERA_MEDIA to the media folder)"
 
 
 def test_config_command_prints_loadable_yaml(tmp_path, capsys):
@@ -35,15 +44,86 @@ def test_model_info(capsys):
 
 
 def test_commands_not_landed_say_so(capsys):
-    assert main(["render", "configs/tiny.yaml"]) == 3
+    assert main(["run", "configs/tiny.yaml"]) == 3
     assert "not yet" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def cascade_file(tmp_path_factory) -> Path:
+    return build_cascade(tmp_path_factory.mktemp("cascade"), VIDEO_STAGES)
+
+
+def test_render_plan_loads_no_weights(tmp_path, capsys):
+    ckpts = [tmp_path / "untrained" / s["name"] for s in VIDEO_STAGES]  # nothing there: the plan still works
+    cascade = write_cascade(tmp_path / "c.yaml", VIDEO_STAGES, ckpts)
+    assert main(["render", "--cascade", str(cascade), "--plan", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [
+        (r["name"], r["kind"], r["frames"], r["height"], r["width"], r["fps"], r["steps"]) for r in rows
+    ] == [
+        ("base", "base", 4, 16, 16, 4.0, 2),
+        ("tsr", "tsr", 8, 16, 16, 8.0, 2),
+        ("ssr", "ssr", 8, 32, 32, 8.0, 2),
+    ]
+    assert main(["render", "--cascade", str(cascade), "--plan", "stages.1.steps=7"]) == 0
+    table = capsys.readouterr().out
+    assert "4×16×16@4 → 8×16×16@8" in table and "total" in table
+
+
+def test_render_command_local(cascade_file, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na cat\na dog\n")
+    out = tmp_path / "out"
+    args = ["render", "--cascade", str(cascade_file), "--prompts", str(prompts), "--out", str(out)]
+    assert main([*args, "--local", "--quiet", "--batch-size", "2", "--no-sheet", "--seed", "7"]) == 0
+    printed = capsys.readouterr().out
+    assert "0000-a-cat" in printed and "rendered" in printed
+    assert (out / "0001-a-dog" / "video.mp4").is_file() and not (out / "0000-a-cat" / "sheet.png").exists()
+    assert json.loads((out / "0000-a-cat" / "video.json").read_text())["seed"] == 7
+    assert main([*args, "--local", "--quiet", "--seed", "7"]) == 0  # resumes: nothing left to do
+    assert capsys.readouterr().out.count("skipped") == 2
+
+
+def test_render_command_errors(cascade_file, tmp_path, capsys):
+    base = ["render", "--cascade", str(cascade_file), "--out", str(tmp_path / "out"), "--local"]
+    assert main(base) == 2
+    assert "--prompts FILE or --prompt TEXT" in capsys.readouterr().err
+    assert main([*base, "--prompt", ""]) == 2
+    assert "prompt 0000 is empty" in capsys.readouterr().err
+    assert main([*base, "--prompts", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err
+    assert main(["render", "--cascade", str(tmp_path / "nope.yaml"), "--plan"]) == 2
+    assert "config error" in capsys.readouterr().err
+    assert main([*base, "--prompt", "x", "stages.9.steps=2"]) == 2
+    assert "no stage '9'" in capsys.readouterr().err
+    assert (
+        main(["upscale", "clip.mp4", "--cascade", str(cascade_file), "--from-stage", "base", "--out", "o"])
+        == 2
+    )
+    assert "upscale starts at a super-resolution stage: tsr, ssr" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not (MEDIA / "office_plant_h264_320x240_30.02fps_1s_audio.mp4").is_file(), reason=NO_MEDIA
+)
+def test_upscale_command_on_a_real_clip(cascade_file, tmp_path, capsys):
+    clip = MEDIA / "office_plant_h264_320x240_30.02fps_1s_audio.mp4"  # 1.2 s: enough for 4 frames at 4 fps
+    out = tmp_path / "out"
+    args = ["upscale", str(clip), "--cascade", str(cascade_file), "--from-stage", "tsr", "--out", str(out)]
+    assert main([*args, "--prompt", "a plant", "--local", "--quiet"]) == 0
+    job = out / "0000-office-plant-h264-320x240-30-02fps-1s-au"  # slugs stop at 40 characters
+    assert job.name in capsys.readouterr().out
+    assert tuple(load_video_tensor(job / "stages" / "02-ssr.safetensors").shape) == (3, 8, 32, 32)
+    with av.open(str(job / "video.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 8 and frames[0].shape == (32, 32, 3)
 
 
 def test_launch_sh_help_and_demo_placeholder():
     help_text = subprocess.run(
         [ROOT / "launch.sh", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for command in ("setup", "test", "demo", "preprocess", "train", "render", "ray-head", "slurm"):
+    for command in ("setup", "test", "demo", "preprocess", "train", "render", "upscale", "ray-head", "slurm"):
         assert command in help_text
     demo = subprocess.run([ROOT / "launch.sh", "demo"], capture_output=True, text=True)
     assert demo.returncode != 0 and "not yet" in demo.stderr

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from configs import DiffusionConfig, model_config
+from models.diffusion import CosineSchedule, augment_condition
 from models.dit import VideoDiT
 from models.text import ByteTextEncoder
 from stages.sampling import generate, item_generator, to_uint8
@@ -166,6 +167,24 @@ def test_super_resolution_model_uses_cond_and_level(encoder):
         _generate(sr, encoder, PROMPTS[:2])
     with pytest.raises(ValueError, match="cond_aug"):
         _generate(sr, encoder, PROMPTS[:2], cond_aug=0.1)
+
+
+def test_super_resolution_samples_the_residual_over_the_noised_cond(encoder):
+    """A fresh SR model (zero-initialised output) predicting x0 predicts a zero residual, so the video is
+    the upsampled input itself; the model sees that input noised to the level with the prompt's own
+    generator, drawn before its starting noise."""
+    torch.manual_seed(0)
+    sr = VideoDiT(model_config("tiny", attention_backend="sdpa", kind="ssr"))
+    cond = torch.rand(2, 3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    seen = []
+    sr.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["cond"].clone()), with_kwargs=True)
+    diffusion = DiffusionConfig(steps=2, guidance_scale=1.0, prediction="x0")
+    video = _generate(sr, encoder, PROMPTS[:2], cond=cond, cond_aug=0.3, diffusion=diffusion, seed=4)
+    torch.testing.assert_close(video, cond)
+    schedule = CosineSchedule.from_config(diffusion, FRAMES * SIZE * SIZE)
+    for i in range(2):
+        expected = augment_condition(cond[i : i + 1], 0.3, schedule, item_generator(4, i))
+        torch.testing.assert_close(seen[0][i : i + 1], expected)
 
 
 def test_modes_restored_and_no_gradients(model, encoder):
