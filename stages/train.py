@@ -479,7 +479,7 @@ def train(
         )
 
     batches = iter(loader)
-    preview_clips = None  # super-resolution previews upsample the run's first video batch
+    preview_clips = None  # super-resolution previews upsample the run's first batch
     try:
         while step < t.steps and not stop["signal"]:
             losses, pairs, wait, bad = [], [], 0.0, False
@@ -488,7 +488,7 @@ def train(
                 tick = time.perf_counter()
                 batch = fit_batch(next(batches), cfg, gen)
                 wait += time.perf_counter() - tick
-                if preview_clips is None and batch["kind"] == "video":
+                if preview_clips is None:
                     preview_clips = batch
                 tt, noise, drop = _draw(batch, gen, t.text_dropout)
                 x0, cond, aug = batch["x"], None, None

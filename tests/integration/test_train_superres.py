@@ -26,9 +26,16 @@ GEOMETRY = ["data.frames=4", "data.height=16", "data.width=16", "data.fps=8", "m
 STEPS = 800  # about a minute per model on one core; enough for a clear margin (see docs/TRAINING.md)
 
 
-def _shards(root: Path, count: int, seed: int) -> Path:
+def _shards(root: Path, count: int, seed: int, image_fraction: float = 0.0) -> Path:
     run_synth(
-        root / "synth", count=count, frames=8, size=16, fps=8.0, seed=seed, image_fraction=0.0, progress=False
+        root / "synth",
+        count=count,
+        frames=8,
+        size=16,
+        fps=8.0,
+        seed=seed,
+        image_fraction=image_fraction,
+        progress=False,
     )
     cfg = load_config(overrides=[*GEOMETRY, f"preprocess.out={root / 'out'}", "preprocess.files_per_shard=8"])
     assert run_preprocess(cfg, [str(root / "synth")], progress=False)["failed"] == 0
@@ -115,3 +122,25 @@ def test_ssr_trains_on_crops_and_writes_previews(data, tmp_path):
     # previews upsample full 16×16 training clips (trained on 8×8 crops): an mp4 per clip and a sheet
     assert sorted(p.name for p in out.glob("*.mp4")) == ["prompt_00.mp4", "prompt_01.mp4"]
     assert (out / "sheet.png").stat().st_size > 0
+
+
+def test_image_ssr_trains_with_one_frame(tmp_path):
+    """The image case: an SSR model trained on still images (T = 1, packed image batches)."""
+    shards = _shards(tmp_path / "images", 6, seed=9, image_fraction=1.0)
+    cfg = _cfg(
+        shards,
+        tmp_path / "run",
+        "ssr",
+        "data.frames=1",
+        "data.image_fraction=1.0",
+        "model.temporal_layers=false",
+        "train.steps=2",
+        "train.preview_every=2",
+        "train.preview_steps=2",
+        "data.batch_size=2",
+    )
+    result = train(cfg, resume="none", progress=False)
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    model = VideoDiT.from_pretrained(result.checkpoint / "exported", "ema.safetensors")
+    assert model.config.kind == "ssr" and not model.config.temporal_layers
+    assert len(list((tmp_path / "run" / "previews" / "step_00000002").glob("*.mp4"))) == 2
