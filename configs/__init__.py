@@ -1,6 +1,6 @@
 """Typed run configuration: schema (dataclasses), strict YAML loading, validation, fingerprints."""
 
-from configs.cascade import load_cascade, stage_factor, validate_cascade
+from configs.cascade import check_stage_model, load_cascade, stage_factor, validate_cascade
 from configs.loader import ConfigError, dump_config, fingerprint, load_config, model_config, to_dict
 from configs.schema import (
     CascadeConfig,
@@ -29,6 +29,7 @@ __all__ = [
     "RunConfig",
     "TextConfig",
     "TrainConfig",
+    "check_stage_model",
     "dump_config",
     "fingerprint",
     "load_cascade",

@@ -19,8 +19,8 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from configs.loader import ConfigError, _checked_layer, _merge_with_preset, _read_yaml
-from configs.schema import CascadeConfig, CascadeStageConfig
-from configs.validate import CHOICES, _positive, _unit_interval, validate_model
+from configs.schema import CascadeConfig, CascadeStageConfig, ModelConfig
+from configs.validate import _choice, _positive, _unit_interval, validate_model
 
 # ---------------------------------------------------------------------------------------- loading
 
@@ -90,11 +90,6 @@ def load_cascade(path: str | Path, overrides: Sequence[str] = ()) -> CascadeConf
 
 
 # ------------------------------------------------------------------------------------- validation
-
-
-def _choice(name: str, value: str, choices: str) -> None:
-    if value not in CHOICES[choices]:
-        raise ValueError(f"{name}: unknown value '{value}'; expected one of {', '.join(CHOICES[choices])}")
 
 
 def _validate_stage(i: int, s: CascadeStageConfig) -> None:
@@ -206,3 +201,25 @@ def stage_factor(prev: CascadeStageConfig | None, cur: CascadeStageConfig) -> in
     if cur.kind == "base" or prev is None:
         return 1
     return cur.frames // prev.frames if cur.kind == "tsr" else cur.height // prev.height
+
+
+def check_stage_model(cascade: CascadeConfig, index: int, model: ModelConfig, where: str) -> None:
+    """Raise ConfigError, prefixed by `where`, unless a trained `model` fits stage `index`: the stage's
+    kind, the super-resolution factor its shapes imply, and a patch dividing its output."""
+    stage = cascade.stages[index]
+    prev = cascade.stages[index - 1] if index else None
+    if model.kind != stage.kind:
+        raise ConfigError(f"{where}: the checkpoint is a {model.kind} model, the stage is kind {stage.kind}")
+    factor = stage_factor(prev, stage)
+    if prev is not None and model.sr_factor != factor:
+        raise ConfigError(
+            f"{where}: the checkpoint's model.sr_factor is {model.sr_factor}, but the stage scales "
+            f"'{prev.name}' by {factor}"
+        )
+    for axis, size, patch in zip(
+        ("frames", "height", "width"), (stage.frames, stage.height, stage.width), model.patch_size
+    ):
+        if size % patch:
+            raise ConfigError(
+                f"{where}: {axis}={size} is not divisible by the model's patch size {model.patch_size}"
+            )

@@ -33,8 +33,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _choice(name: str, value: str) -> None:
-    allowed = CHOICES[name]
+def _choice(name: str, value: str, field: str = "") -> None:
+    """`value` must be one of CHOICES[field or name]; the error names `name`."""
+    allowed = CHOICES[field or name]
     if value not in allowed:
         raise ValueError(f"{name}: unknown value '{value}'; expected one of {', '.join(allowed)}")
 

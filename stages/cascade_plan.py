@@ -16,9 +16,9 @@ from typing import Any
 from configs import (
     CascadeConfig,
     CascadeStageConfig,
-    ConfigError,
     ModelConfig,
     TextConfig,
+    check_stage_model,
     load_config,
     stage_factor,
     validate_cascade,
@@ -29,8 +29,9 @@ from stages.checkpoint import resolve_committed
 BYTES_FP32 = 4
 
 
-def _stage_model(stage: CascadeStageConfig, factor: int) -> tuple[ModelConfig, int, str]:
+def _stage_model(cascade: CascadeConfig, index: int, factor: int) -> tuple[ModelConfig, int, str]:
     """(model config, text tokens, source): the committed checkpoint's config when there is one."""
+    stage = cascade.stages[index]
     step: Path | None = None
     if stage.checkpoint:
         try:
@@ -42,14 +43,8 @@ def _stage_model(stage: CascadeStageConfig, factor: int) -> tuple[ModelConfig, i
         model = dataclasses.replace(stage.model, kind=stage.kind, sr_factor=sr_factor)
         return model, TextConfig().max_length, "config"
     run = load_config([step / "config.yaml"])
-    model = run.model
-    if model.kind != stage.kind or (stage.kind != "base" and model.sr_factor != factor):
-        trained = model.kind if model.kind == "base" else f"{model.kind} ×{model.sr_factor}"
-        wanted = stage.kind if stage.kind == "base" else f"{stage.kind} ×{factor}"
-        raise ConfigError(
-            f"stage '{stage.name}': checkpoint {step} holds a {trained} model, but the stage is {wanted}"
-        )
-    return model, run.text.max_length, str(step)
+    check_stage_model(cascade, index, run.model, f"stage '{stage.name}' (checkpoint {step})")
+    return run.model, run.text.max_length, str(step)
 
 
 def uses_guidance(stage: CascadeStageConfig) -> bool:
@@ -86,13 +81,10 @@ def plan_cascade(cascade: CascadeConfig, batch_size: int = 1) -> list[dict[str, 
     validate_cascade(cascade)
     rows: list[dict[str, Any]] = []
     prev: CascadeStageConfig | None = None
-    for stage in cascade.stages:
+    for index, stage in enumerate(cascade.stages):
         factor = stage_factor(prev, stage)
-        model, text_tokens, source = _stage_model(stage, factor)
-        try:
-            grid = token_grid(model, stage.frames, stage.height, stage.width)
-        except ValueError as err:
-            raise ConfigError(f"stage '{stage.name}' (model from {source}): {err}") from None
+        model, text_tokens, source = _stage_model(cascade, index, factor)
+        grid = token_grid(model, stage.frames, stage.height, stage.width)  # patches checked on loading
         passes = 2 if uses_guidance(stage) else 1
         per_step = passes * forward_flops(model, stage.frames, stage.height, stage.width, text_tokens).total
         params = parameter_count(model)

@@ -30,8 +30,8 @@ from configs import (
     ConfigError,
     DiffusionConfig,
     RunConfig,
+    check_stage_model,
     load_config,
-    stage_factor,
 )
 from models.dit import VideoDiT
 from models.superres import upsample_video
@@ -123,23 +123,7 @@ def prepare_stage(
     step = resolve_committed(stage.checkpoint, f"{where} checkpoint").resolve()
     where = f"{where} (checkpoint {step})"
     run = _read_checkpoint_config(step, where)
-    model = run.model
-    if model.kind != stage.kind:
-        raise ValueError(f"{where}: the checkpoint is a {model.kind} model, the stage is kind {stage.kind}")
-    if stage.kind != "base":
-        factor = stage_factor(cascade.stages[index - 1], stage)
-        if model.sr_factor != factor:
-            raise ValueError(
-                f"{where}: the checkpoint's model.sr_factor is {model.sr_factor}, but the stage scales "
-                f"'{cascade.stages[index - 1].name}' by {factor}"
-            )
-    for axis, size, patch in zip(
-        ("frames", "height", "width"), (stage.frames, stage.height, stage.width), model.patch_size
-    ):
-        if size % patch:
-            raise ValueError(
-                f"{where}: {axis}={size} is not divisible by the model's patch size {model.patch_size}"
-            )
+    check_stage_model(cascade, index, run.model, where)
     needed = [step / EXPORTED / "config.yaml", step / EXPORTED / WEIGHTS]
     if run.text.encoder == "byte":
         needed.append(step / EXPORTED / TEXT_WEIGHTS)

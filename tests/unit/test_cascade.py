@@ -255,7 +255,8 @@ def test_plan_rejects_a_checkpoint_of_the_wrong_kind(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     step, _ = _fake_checkpoint(Path("runs/demo/tsr"), ["model.kind=ssr"])
     with pytest.raises(
-        ConfigError, match=rf"stage 'tsr': checkpoint {step} holds a ssr ×2 model, but the stage is tsr ×2"
+        ConfigError,
+        match=rf"stage 'tsr' \(checkpoint {step}\): the checkpoint is a ssr model, the stage is kind tsr",
     ):
         plan_cascade(load_cascade(CASCADES / "demo.yaml"))
 
