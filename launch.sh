@@ -19,7 +19,11 @@ Commands:
   setup              create or reuse the virtualenv (.venv) and install Tessera and its dependencies
   test [PYTEST...]   setup, ruff, then the test suite (CPU; GPU tests skip without CUDA)
   lint               ruff check and format check
-  demo               the end-to-end job on the embedded default (not yet: lands with the pipeline issue)
+  demo [key=value...] the end-to-end job on the embedded default (configs/pipeline/demo.yaml): synthetic
+                     data, preprocessing, base + TSR + SSR training, rendering, report in runs/demo/
+  run CONFIG [key=value...] [--from|--only|--force STAGE] [--plan] [--address ADDR]
+                     an end-to-end pipeline (configs/pipeline/*.yaml); rerun to resume or skip
+  status RUN_DIR     each stage of a pipeline run: state, time, outputs
   preprocess INPUT... --out DIR [key=value...]   dataset preprocessing job (Ray Data; --local without Ray)
   synth --out DIR --count N   synthetic captioned videos and images
   train CONFIG [key=value...] [--resume auto|none|DIR]
@@ -116,9 +120,12 @@ slurm() {
   exec sbatch "${opts[@]}" "$ROOT/configs/slurm/train.sbatch" "$@"
 }
 
-not_yet() {
-  echo "launch.sh $1: not yet available — it lands with the $2 issue. Available now: setup, test, lint, preprocess, synth, train, render, upscale, slurm, ray-head, ray-worker." >&2
-  exit 3
+demo() {
+  setup
+  cd "$ROOT"
+  local start=$SECONDS
+  "$(venv_python)" -m pipeline run configs/pipeline/demo.yaml "$@"
+  echo "[demo] $((SECONDS - start)) s after setup"
 }
 
 cmd="${1:-}"
@@ -133,8 +140,8 @@ case "$cmd" in
     ;;
   lint) setup; lint ;;
   python) setup; exec "$(venv_python)" "$@" ;;
-  demo) not_yet demo "end-to-end pipeline" ;;
-  preprocess | synth) setup; exec "$(venv_python)" -m pipeline "$cmd" "$@" ;;
+  demo) demo "$@" ;;
+  preprocess | synth | run | status) setup; exec "$(venv_python)" -m pipeline "$cmd" "$@" ;;
   train) train "$@" ;;
   slurm) slurm "$@" ;;
   ray-head)

@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -34,11 +34,16 @@ def _closest_key(schema: type, full_key: str) -> str:
     """The valid dotted key nearest to `full_key` (same parent), or '' when nothing is close."""
     parts = full_key.split(".")
     cls, prefix = schema, []
-    for part in parts[:-1]:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory()):
+    while len(prefix) < len(parts) - 1:
+        part = parts[len(prefix)]
+        hint = get_type_hints(cls).get(part)
+        if get_origin(hint) is dict and len(prefix) < len(parts) - 2:  # name → dataclass: skip the name
+            hint = get_args(hint)[1]
+            prefix.append(part)
+            part = parts[len(prefix)]
+        if not dataclasses.is_dataclass(hint):
             break
-        cls = type(fields[part].default_factory())
+        cls = hint
         prefix.append(part)
     names = [f.name for f in dataclasses.fields(cls)]
     match = difflib.get_close_matches(parts[len(prefix)], names, n=1, cutoff=0.5)
@@ -86,6 +91,8 @@ def _merge_with_preset(base: DictConfig, layers: Sequence[DictConfig], key_prefi
     """
     merged = OmegaConf.merge(base, *layers)
     nested = "model" in merged
+    if not nested and "preset" not in merged:  # a schema without a model (e.g. a PipelineConfig)
+        return merged
     preset = merged.model.preset if nested else merged.preset
     if not preset:
         return merged

@@ -11,7 +11,14 @@ import inspect
 from itertools import pairwise
 
 from configs import schema
-from configs.schema import CascadeConfig, CascadeStageConfig, RunConfig
+from configs.schema import (
+    CascadeConfig,
+    CascadeStageConfig,
+    PipelineConfig,
+    PipelineTrainingConfig,
+    RunConfig,
+    SynthConfig,
+)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -74,6 +81,18 @@ def render() -> str:
         "`stages[i].model` has the fields of the `model` section above (`stages[i].model.preset`, ...).",
         "",
         *_table("stages[i].", CascadeStageConfig),
+        f"## Pipeline files (`configs/pipeline/*.yaml`) — {inspect.getdoc(PipelineConfig)}",
+        "",
+        "Loaded by `pipeline.job.load_pipeline` (strict like run configs) for `pipeline run`; override as",
+        "`synth.count=64` or `trainings.base.workers=4`. Stages, records and flags: `docs/PIPELINE.md`.",
+        "",
+        *_table("", PipelineConfig),
+        f"### `synth` — {inspect.getdoc(SynthConfig)}",
+        "",
+        *_table("synth.", SynthConfig),
+        f"### `trainings.NAME` — {inspect.getdoc(PipelineTrainingConfig)}",
+        "",
+        *_table("trainings.NAME.", PipelineTrainingConfig),
     ]
     return "\n".join(lines)
 

@@ -312,3 +312,65 @@ class RunConfig:
     """Distribution and precision."""
     render: RenderConfig = field(default_factory=RenderConfig)
     """Offline rendering."""
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic captioned dataset (`stages.synth`) a pipeline writes when it has no inputs."""
+
+    count: int = 192
+    """Files to write (videos and images); every (colour, shape, direction) appears once 48 are videos."""
+    frames: int = 16
+    """Frames per video."""
+    size: int = 64
+    """Frame height and width in pixels."""
+    fps: float = 8.0
+    """Frame rate of the videos."""
+    seed: int = 0
+    """Seed of the whole dataset, its bytes included."""
+    image_fraction: float = 0.25
+    """Share of the files that are still images."""
+
+
+@dataclass
+class PipelineTrainingConfig:
+    """One model a pipeline trains, with the run config `pipeline train` would take."""
+
+    config: list[str] = field(default_factory=list)
+    """Run-config YAML files and key=value overrides, in order; data.shards and train.out_dir are set."""
+    workers: int = 1
+    """Ray Train workers (ranks) of this training."""
+    cpus_per_worker: int = 1
+    """CPUs Ray reserves per worker (also its torch thread count)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker (0 on CPU machines)."""
+
+
+@dataclass
+class PipelineConfig:
+    """An end-to-end run (`pipeline run`): dataset → preprocess → trainings → render → report."""
+
+    name: str = "pipeline"
+    """Run name (the report's title)."""
+    out_dir: str = "runs/pipeline"
+    """Run directory: every stage's outputs, the stage records (pipeline/) and index.html."""
+    inputs: list[str] = field(default_factory=list)
+    """Videos and images to ingest (folders, globs, .csv/.jsonl manifests, .tar); [] = synthesize."""
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    """The synthetic dataset, used when inputs is empty."""
+    preprocess: list[str] = field(default_factory=list)
+    """Run-config YAML files and key=value overrides of the preprocess stage; preprocess.out is set."""
+    trainings: dict[str, PipelineTrainingConfig] = field(default_factory=dict)
+    """Models to train, by name; a cascade stage of the same name renders with the model trained here."""
+    cascade: str = ""
+    """Cascade YAML rendered after training ("" = no render stage)."""
+    cascade_overrides: list[str] = field(default_factory=list)
+    """Overrides of the cascade (e.g. stages.1.steps=8)."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompts rendered through the cascade, one video each."""
+    render_seed: int = 0
+    """Sampling seed of the renders."""
+    render_batch_size: int = 1
+    """Prompts sampled together per cascade stage."""
+    render_gpus_per_stage: float = 0.0
+    """GPUs reserved for each cascade stage's Ray actor (0 on CPU machines)."""

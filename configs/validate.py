@@ -12,6 +12,7 @@ from configs.schema import (
     DiffusionConfig,
     ModelConfig,
     ParallelConfig,
+    PipelineConfig,
     PreprocessConfig,
     RunConfig,
     TextConfig,
@@ -203,10 +204,37 @@ def _validate_parallel(p: ParallelConfig) -> None:
     _positive("parallel.grad_accum", p.grad_accum)
 
 
+def _validate_pipeline(p: PipelineConfig) -> None:
+    """A pipeline's own fields; its run configs and cascade are checked when its graph is built."""
+    for name in ("name", "out_dir"):
+        if not getattr(p, name).strip():
+            raise ValueError(f"{name}: empty; expected a non-empty string")
+    if not p.inputs:
+        for name in ("count", "frames", "size"):
+            _positive(f"synth.{name}", getattr(p.synth, name))
+        _positive("synth.fps", p.synth.fps)
+        _unit_interval("synth.image_fraction", p.synth.image_fraction)
+    for name, t in p.trainings.items():
+        if not t.config:
+            raise ValueError(f"trainings.{name}.config: empty; expected run-config YAML files and overrides")
+        for field in ("workers", "cpus_per_worker"):
+            _positive(f"trainings.{name}.{field}", getattr(t, field))
+        _positive(f"trainings.{name}.gpus_per_worker", t.gpus_per_worker, allow_zero=True)
+    if p.cascade and not p.prompts:
+        raise ValueError("prompts: empty; a pipeline with a cascade needs at least one prompt to render")
+    if any(not text.strip() for text in p.prompts):
+        raise ValueError(f"prompts: blank prompt in {p.prompts}; every prompt needs text")
+    _positive("render_batch_size", p.render_batch_size)
+    _positive("render_gpus_per_stage", p.render_gpus_per_stage, allow_zero=True)
+
+
 def validate(cfg: Any) -> None:
-    """Check a RunConfig (every section and the rules between them) or a lone ModelConfig."""
+    """Check a RunConfig (every section and the rules between them), a ModelConfig or a PipelineConfig."""
     if isinstance(cfg, ModelConfig):
         validate_model(cfg)
+        return
+    if isinstance(cfg, PipelineConfig):
+        _validate_pipeline(cfg)
         return
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"cannot validate {type(cfg).__name__}")

@@ -12,11 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from configs import ConfigError, RenderConfig, RunConfig, dump_config, fingerprint, load_config
-
-NOT_YET = {
-    "run": "end-to-end pipeline",
-    "status": "end-to-end pipeline",
-}
+from pipeline.graph import GraphError
 
 
 def _load(items: Sequence[str]) -> RunConfig:
@@ -113,6 +109,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 resume=args.resume,
                 address=args.address,
                 workers=args.workers,
+                cpus_per_worker=args.cpus_per_worker,
                 gpus_per_worker=args.gpus_per_worker,
             )
         else:
@@ -195,6 +192,50 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import time
+
+    from pipeline.graph import Selection, format_plan, format_status, plan_graph, run_graph, status_rows
+    from pipeline.job import Job, load_pipeline
+    from stages.report import format_duration
+
+    paths = [item for item in args.config if "=" not in item]
+    overrides = [item for item in args.config if "=" in item]
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    job = Job(load_pipeline(paths, overrides), address=args.address, progress=not args.quiet)
+    stages = job.stages()
+    selection = Selection(only=tuple(args.only), from_=args.from_ or "", force=tuple(args.force))
+    plan = plan_graph(stages, job.out, selection)
+    print(format_plan(stages, plan))
+    if args.plan:
+        return 0
+    job.write_config()
+    job.start_ray(plan)
+    started = time.monotonic()
+    statuses = run_graph(stages, job.out, plan)
+    print(f"\n{format_status(status_rows(job.out))}")
+    failed = [name for name, state in statuses.items() if state == "failed"]
+    took = format_duration(time.monotonic() - started)
+    if failed:
+        print(
+            f"\nfailed: {', '.join(failed)} after {took}; fix and rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 1
+    report = job.out / "index.html"
+    print(f"\nfinished in {took}" + (f"; open {report}" if report.exists() else ""))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.graph import format_status, status_rows
+
+    rows = status_rows(Path(args.run_dir))
+    print(json.dumps(rows, indent=2) if args.json else format_status(rows))
+    return 0
+
+
 def _render_options(p: argparse.ArgumentParser) -> None:
     """Options shared by render and upscale."""
     p.add_argument("overrides", nargs="*", help="cascade overrides key=value (e.g. stages.1.steps=16)")
@@ -248,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="run the same worker function under Ray Train")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process Ray)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (--ray)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (and threads) per worker (--ray)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker (--ray)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
@@ -266,10 +308,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--prompt", default="", help="optional text; empty samples with guidance 1")
     p.set_defaults(func=_cmd_upscale)
-    for name, issue in NOT_YET.items():
-        p = sub.add_parser(name, help=f"(not yet: lands with the {issue} issue)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=None, issue=issue)
+    p = sub.add_parser(
+        "run", help="the end-to-end job: synth/ingest → preprocess → train ∥ → render → report"
+    )
+    p.add_argument(
+        "config", nargs="+", help="pipeline YAML files (configs/pipeline/*.yaml) and key=value overrides"
+    )
+    p.add_argument("--out", help="run directory (out_dir)")
+    p.add_argument(
+        "--only", action="append", default=[], help="run only this stage (repeatable; `train` = all)"
+    )
+    p.add_argument("--from", dest="from_", help="rerun this stage and everything after it")
+    p.add_argument("--force", action="append", default=[], help="rerun this stage even if up to date")
+    p.add_argument("--plan", action="store_true", help="print what would run and why; run nothing")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process Ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("status", help="each stage of a pipeline run: state, time, outputs")
+    p.add_argument("run_dir", help="the run directory (the pipeline's out_dir)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=_cmd_status)
     return parser
 
 
@@ -282,17 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if target is None or any("=" not in item or item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, target, getattr(args, target) + extra)
-    if args.func is None:
-        print(
-            f"pipeline {args.command}: not yet available — it lands with the {args.issue} issue.",
-            file=sys.stderr,
-        )
-        return 3
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, GraphError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

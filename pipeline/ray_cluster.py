@@ -7,10 +7,21 @@ so nothing listens on a public interface by default.
 from __future__ import annotations
 
 import os
+import threading
+
+_INIT = threading.Lock()
 
 
 def ensure_ray(address: str | None = None, dashboard: bool = False, num_cpus: int | None = None) -> None:
-    """Initialise Ray once for this process: connect to `address` (or $RAY_ADDRESS) or start locally."""
+    """Initialise Ray once for this process: connect to `address` (or $RAY_ADDRESS) or start locally.
+
+    Thread-safe: the pipeline's stages call it from their own threads.
+    """
+    with _INIT:
+        _init(address, dashboard, num_cpus)
+
+
+def _init(address: str | None, dashboard: bool, num_cpus: int | None) -> None:
     import ray
 
     if ray.is_initialized():

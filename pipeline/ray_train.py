@@ -79,6 +79,7 @@ def _train_worker(config: dict[str, Any]) -> TrainResult | NonFiniteError:
     import ray.train.torch
     import torch
 
+    torch.set_num_threads(config["threads"])  # the CPUs Ray reserved for this worker, not the whole node
     resume = config["resume"]
     if ray.train.get_checkpoint() is not None:
         resume = "auto"  # a restarted attempt continues from the newest committed checkpoint
@@ -100,11 +101,13 @@ def ray_train(
     resume: str = "auto",
     address: str | None = None,
     workers: int = 2,
+    cpus_per_worker: int = 1,
     gpus_per_worker: float = 0.0,
     max_failures: int = 3,
     worker_fn: WorkerFn = train,
 ) -> RayTrainResult:
-    """Train on Ray: `workers` ranks (1 CPU and `gpus_per_worker` GPUs each), restarted from the newest
+    """Train on Ray: `workers` ranks (`cpus_per_worker` CPUs, which Ray also makes each worker's thread
+    count, and `gpus_per_worker` GPUs each), restarted from the newest
     committed checkpoint up to `max_failures` times when a worker fails.
 
     resume: as for `train`, for the first attempt; restarts always use "auto". address: a Ray cluster
@@ -120,8 +123,8 @@ def ray_train(
 
     if not is_v2_enabled():
         raise RuntimeError("ray_train needs the Ray Train V2 API: unset RAY_TRAIN_V2_ENABLED=0")
-    if workers < 1:
-        raise ValueError(f"workers={workers}: need at least one Ray Train worker")
+    if workers < 1 or cpus_per_worker < 1:
+        raise ValueError(f"workers={workers}, cpus_per_worker={cpus_per_worker}: need at least 1 of each")
     if 0 < gpus_per_worker < 1 and workers > 1:
         raise ValueError(
             f"gpus_per_worker={gpus_per_worker}: nccl needs a whole GPU per rank (use 0 for CPU, or >= 1)"
@@ -135,12 +138,19 @@ def ray_train(
     storage = Path(cfg.train.out_dir) / "ray"
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"cfg": cfg, "resume": resume, "worker_fn": worker_fn},
+        train_loop_config={
+            "cfg": cfg,
+            "resume": resume,
+            "worker_fn": worker_fn,
+            "threads": cpus_per_worker,
+        },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": 1, "GPU": gpus_per_worker} if use_gpu else {"CPU": 1},
+            resources_per_worker={"CPU": cpus_per_worker, "GPU": gpus_per_worker}
+            if use_gpu
+            else {"CPU": cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=name,

@@ -43,9 +43,14 @@ def test_model_info(capsys):
     assert "width 1152, depth 28, heads 16" in out and "temporal_attention" in out
 
 
-def test_commands_not_landed_say_so(capsys):
-    assert main(["run", "configs/tiny.yaml"]) == 3
-    assert "not yet" in capsys.readouterr().err
+def test_run_names_a_bad_pipeline_key(tmp_path, capsys):
+    config = tmp_path / "p.yaml"
+    config.write_text("trainings:\n  base:\n    wrkers: 2\n")
+    assert main(["run", str(config)]) == 2
+    assert (
+        "unknown key 'trainings.base.wrkers'; did you mean 'trainings.base.workers'?"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +124,19 @@ def test_upscale_command_on_a_real_clip(cascade_file, tmp_path, capsys):
     assert len(frames) == 8 and frames[0].shape == (32, 32, 3)
 
 
-def test_launch_sh_help_and_demo_placeholder():
+def test_launch_sh_help_and_demo_plan(tmp_path):
     help_text = subprocess.run(
         [ROOT / "launch.sh", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for command in ("setup", "test", "demo", "preprocess", "train", "render", "upscale", "ray-head", "slurm"):
+    for command in ("setup", "test", "demo", "run", "status", "preprocess", "train", "render", "ray-head"):
         assert command in help_text
-    demo = subprocess.run([ROOT / "launch.sh", "demo"], capture_output=True, text=True)
-    assert demo.returncode != 0 and "not yet" in demo.stderr
+    demo = subprocess.run(
+        [ROOT / "launch.sh", "demo", "--plan", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+    )
+    assert demo.returncode == 0, demo.stderr
+    stages = ("synth", "preprocess", "train-base", "train-tsr", "train-ssr", "render", "report")
+    assert [line.split()[:2] for line in demo.stdout.splitlines()[1:8]] == [[s, "run"] for s in stages]
     bad = subprocess.run([ROOT / "launch.sh", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'frobnicate'" in bad.stderr

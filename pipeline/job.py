@@ -1,0 +1,354 @@
+"""The end-to-end job of `pipeline run`: a `PipelineConfig` turned into the stage graph.
+
+    synth ──▶ preprocess ──┬──▶ train-base ──┐
+    (or ingest `inputs`)   ├──▶ train-tsr  ──┼──▶ render ──▶ report
+                           └──▶ train-ssr  ──┘
+
+Run directory (`out_dir`):
+
+- `data/`: the synthetic dataset (the synth stage; absent when `inputs` are ingested);
+- `shards/`: the preprocess output (`shards/*.tar`, manifest.json, failures.jsonl, lineage.jsonl);
+- `{training}/`: each model's `train.out_dir` (checkpoints/, metrics.jsonl, tensorboard/);
+- `renders/`: one folder per prompt (docs/RENDERING.md);
+- `index.html`, `contact_sheet.png`: the report;
+- `pipeline/`: `config.yaml` (the resolved pipeline config), `graph.json`, `stages/*.json`, `lock`.
+
+Every stage's config is loaded and cross-checked when the graph is built, so a typo in the render
+cascade fails before an hour of training. The work runs on Ray (in-process unless `address`):
+preprocessing as Ray Data, every training as its own Ray Train run (so trainings run side by side
+when the cluster has room for their workers), rendering with one actor per cascade stage.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from configs import (
+    CascadeConfig,
+    ConfigError,
+    RenderConfig,
+    RunConfig,
+    check_stage_model,
+    dump_config,
+    fingerprint,
+    load_cascade,
+    load_config,
+    to_dict,
+)
+from configs.schema import PipelineConfig
+from pipeline.graph import Plan, Stage
+
+RENDERS = "renders"
+SHARDS = "shards"
+DATA = "data"
+
+
+def load_pipeline(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> PipelineConfig:
+    """A pipeline config from YAML files and dotted overrides (`synth.count=64`,
+    `trainings.base.workers=2`); strict and validated like a run config."""
+    return load_config(paths, overrides, schema=PipelineConfig)
+
+
+def _split(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
+
+
+def _run_config(items: Sequence[str], extra: Sequence[str], where: str) -> RunConfig:
+    paths, overrides = _split(items)
+    try:
+        return load_config(paths, [*overrides, *extra])
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+class Job:
+    """The loaded, cross-checked configs of one pipeline run, and its stages."""
+
+    def __init__(self, cfg: PipelineConfig, address: str | None = None, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.address = address
+        self.progress = progress
+        self.out = Path(cfg.out_dir)
+        self.inputs = list(cfg.inputs) or [str(self.out / DATA)]
+        self.preprocess = _run_config(cfg.preprocess, [f"preprocess.out={self.out / SHARDS}"], "preprocess")
+        self.trainings = {
+            name: _run_config(
+                t.config,
+                [f"data.shards={self.out / SHARDS / 'shards'}", f"train.out_dir={self.out / name}"],
+                f"trainings.{name}",
+            )
+            for name, t in cfg.trainings.items()
+        }
+        for name, run in self.trainings.items():
+            self._check_geometry(name, run)
+        self.cascade = self._load_cascade() if cfg.cascade else None
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def _check_geometry(self, name: str, run: RunConfig) -> None:
+        """A training reads the preprocessed clips as they are, or shrunk (data.reduce), never grown."""
+        have, want = self.preprocess.data, run.data
+        shape = (want.frames, want.height, want.width)
+        source = (have.frames, have.height, have.width)
+        if shape == source and want.fps == have.fps:
+            return
+        if not want.reduce:
+            raise ConfigError(
+                f"trainings.{name}: data {'×'.join(map(str, shape))} @ {want.fps:g} fps differs from the "
+                f"preprocessed clips ({'×'.join(map(str, source))} @ {have.fps:g} fps); set data.reduce=true "
+                "to shrink them, or preprocess at this geometry"
+            )
+        if any(w > h or h % w for w, h in zip(shape, source, strict=True)):
+            raise ConfigError(
+                f"trainings.{name}: data.reduce shrinks by whole factors, but {'×'.join(map(str, shape))} "
+                f"does not divide the preprocessed {'×'.join(map(str, source))}"
+            )
+
+    def _load_cascade(self) -> CascadeConfig:
+        """The cascade with each stage named like a training pointed at that training's out_dir."""
+        cfg = self.cfg
+        probe = load_cascade(cfg.cascade, cfg.cascade_overrides)
+        names = [s.name for s in probe.stages]
+        unknown = sorted(set(self.trainings) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"trainings {unknown} match no stage of {cfg.cascade} (stages: {names}); "
+                "a training renders in the cascade stage of the same name"
+            )
+        pointed = [
+            f"stages.{i}.checkpoint={self.out / n}" for i, n in enumerate(names) if n in self.trainings
+        ]
+        cascade = load_cascade(cfg.cascade, [*cfg.cascade_overrides, *pointed])
+        for i, stage in enumerate(cascade.stages):
+            run = self.trainings.get(stage.name)
+            if run is None:
+                if not stage.checkpoint:
+                    raise ConfigError(
+                        f"{cfg.cascade}: stage '{stage.name}' has no checkpoint and no training of that name"
+                    )
+                continue
+            where = f"trainings.{stage.name} for cascade stage '{stage.name}'"
+            check_stage_model(cascade, i, run.model, where)
+            d = run.data
+            if (d.frames, d.height, d.width, d.fps) != (stage.frames, stage.height, stage.width, stage.fps):
+                raise ConfigError(
+                    f"{where}: trains on {d.frames}×{d.height}×{d.width} @ {d.fps:g} fps, but the stage "
+                    f"outputs {stage.frames}×{stage.height}×{stage.width} @ {stage.fps:g} fps"
+                )
+        return cascade
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def stages(self) -> list[Stage]:
+        """The graph, in topological order."""
+        cfg, out = self.cfg, self.out
+        stages: list[Stage] = []
+        if not cfg.inputs:
+            stages.append(
+                Stage(
+                    "synth",
+                    (),
+                    fingerprint(asdict(cfg.synth)),
+                    [out / DATA],
+                    self._synth,
+                    f"{cfg.synth.count} synthetic captioned files → {out / DATA}",
+                )
+            )
+        stages.append(
+            Stage(
+                "preprocess",
+                ("synth",) if not cfg.inputs else (),
+                fingerprint({"config": to_dict(self.preprocess), "inputs": self.inputs}),
+                [out / SHARDS],
+                self._preprocess,
+                f"{', '.join(self.inputs)} → {out / SHARDS}",
+            )
+        )
+        for name, run in self.trainings.items():
+            t = cfg.trainings[name]
+            stages.append(
+                Stage(
+                    f"train-{name}",
+                    ("preprocess",),
+                    fingerprint({"config": to_dict(run), "workers": t.workers}),
+                    [out / name],
+                    self._trainer(name),
+                    f"{run.model.kind} model, {run.train.steps} steps, {t.workers} worker(s) → {out / name}",
+                )
+            )
+        trained = tuple(f"train-{name}" for name in self.trainings)
+        if self.cascade is not None:
+            settings = {"cascade": to_dict(self.cascade), "prompts": cfg.prompts, "seed": cfg.render_seed}
+            stages.append(
+                Stage(
+                    "render",
+                    trained,
+                    fingerprint(settings),
+                    [out / RENDERS],
+                    self._render,
+                    f"{len(cfg.prompts)} prompts through {len(self.cascade.stages)} stages → {out / RENDERS}",
+                )
+            )
+        stages.append(
+            Stage(
+                "report",
+                ("render",) if self.cascade is not None else trained,
+                fingerprint({"name": cfg.name}),
+                [out / "index.html"],
+                self._report,
+                f"loss plots, videos per stage, contact sheet → {out / 'index.html'}",
+            )
+        )
+        return stages
+
+    def start_ray(self, plan: Plan) -> None:
+        """Start (or connect to) Ray in this, the main, thread if any stage that uses Ray will run.
+
+        Not from a stage's thread: an in-process Ray's raylet dies with the thread that started it
+        (it is spawned with a parent-death signal), which would take the whole cluster down when that
+        stage's thread ends.
+        """
+        if any(plan.action[name] == "run" for name in plan.action if name not in ("synth", "report")):
+            from pipeline.ray_cluster import ensure_ray
+
+            ensure_ray(self.address)
+
+    def write_config(self) -> None:
+        """The resolved pipeline config, for the report and for reproducing the run."""
+        path = self.out / "pipeline" / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, path)
+
+    # ------------------------------------------------------------------------------------------- work
+
+    def _synth(self) -> str:
+        from stages.synth import run_synth
+
+        s = self.cfg.synth
+        summary = run_synth(
+            self.out / DATA,
+            s.count,
+            s.frames,
+            s.size,
+            s.fps,
+            s.seed,
+            s.image_fraction,
+            progress=self.progress,
+        )
+        return f"{summary.videos} videos and {summary.images} images"
+
+    def _preprocess(self) -> str:
+        from pipeline.ray_preprocess import ray_executor
+        from stages.preprocess import run_preprocess
+
+        m = run_preprocess(self.preprocess, self.inputs, ray_executor(self.address), progress=self.progress)
+        return (
+            f"{m['processed']} of {m['discovered']} inputs → {m['samples']} samples in "
+            f"{len(m['shards'])} shards, {m['failed']} failed (see failures.jsonl)"
+        )
+
+    def _trainer(self, name: str):
+        def run() -> str:
+            from pipeline.ray_train import ray_train
+
+            cfg, t = self.trainings[name], self.cfg.trainings[name]
+            stop = threading.Event()
+            follower = threading.Thread(target=self._follow, args=(name, cfg, stop), daemon=True)
+            follower.start()
+            try:
+                result = ray_train(
+                    cfg,
+                    resume="auto",
+                    address=self.address,
+                    workers=t.workers,
+                    cpus_per_worker=t.cpus_per_worker,
+                    gpus_per_worker=t.gpus_per_worker,
+                )
+            finally:
+                stop.set()
+                follower.join()
+            return (
+                f"{result.step} steps, last loss {_last_loss(cfg) or 'n/a'}, checkpoint {result.checkpoint}"
+            )
+
+        return run
+
+    def _follow(self, name: str, cfg: RunConfig, stop: threading.Event) -> None:
+        """A progress bar for a training that runs in Ray workers, fed by its metrics.jsonl."""
+        if not self.progress:
+            return
+        index = list(self.trainings).index(name)
+        with tqdm(
+            total=cfg.train.steps, desc=f"train-{name}", unit="step", position=index, leave=True
+        ) as bar:
+            while not stop.wait(2.0):
+                step = _last_metrics(cfg).get("step")
+                if isinstance(step, int):
+                    bar.n = step + 1
+                    bar.set_postfix(loss=f"{_last_loss(cfg)}", refresh=False)
+                    bar.refresh()
+
+    def _render(self) -> str:
+        from pipeline.ray_render import ray_executor
+        from stages.render import render
+
+        cfg = self.cfg
+        settings = RenderConfig(
+            out_dir=str(self.out / RENDERS), seed=cfg.render_seed, batch_size=cfg.render_batch_size
+        )
+        summary = render(
+            self.cascade,
+            cfg.prompts,
+            settings,
+            cascade_file=cfg.cascade,
+            executor=ray_executor(self.address, num_gpus=cfg.render_gpus_per_stage or None),
+            progress=self.progress,
+        )
+        return f"{len(summary.prompts)} videos in {summary.out_dir} ({summary.seconds:.0f} s)"
+
+    def _report(self) -> str:
+        from stages.report import write_report
+
+        configs = {"pipeline": dump_config(self.cfg)}
+        configs |= {f"training {name}": dump_config(run) for name, run in self.trainings.items()}
+        if self.cascade is not None:
+            configs["cascade"] = dump_config(self.cascade)
+        summary = write_report(
+            self.out,
+            title=self.cfg.name,
+            configs=configs,
+            trainings={name: self.out / name for name in self.trainings},
+            render_dir=self.out / RENDERS,
+        )
+        scores = "; ".join(
+            f"{stage}: colour {c['color']}/{c['judged']}, shape {c['shape']}/{c['judged']}, "
+            f"direction {c['direction']}/{c['moving']}"
+            for stage, c in summary.adherence.items()
+        )
+        return f"{summary.path}" + (f" (prompt checks {scores})" if scores else "")
+
+
+def _last_metrics(cfg: RunConfig) -> dict:
+    """The last line of a training's metrics.jsonl ({} while there is none)."""
+    path = Path(cfg.train.out_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").strip().splitlines()
+        return json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _last_loss(cfg: RunConfig) -> str:
+    loss = _last_metrics(cfg).get("loss")
+    return f"{loss:.4f}" if isinstance(loss, float) else ""
+
+
+def with_out_dir(cfg: PipelineConfig, out_dir: str) -> PipelineConfig:
+    """The same pipeline writing into another run directory."""
+    return replace(cfg, out_dir=out_dir)
