@@ -3,12 +3,11 @@
 The inverse of `stages.synth` for judging generated videos: `describe` finds the pixels that differ
 from the background and keeps, per frame, their largest connected blob; if that blob is not most of
 the foreground in most frames, the clip shows scattered pieces rather than one object, and its shape
-and motion cannot be told. Otherwise it names the colour (nearest palette entry), the shape (a triangle, apex up, is
-much narrower in the top third of its bounding box than in the bottom third; of the symmetric shapes a
-square fills its box, a circle π/4 of it) and their motion (the centroid's displacement between the
-first and last quarter of the clip). `judge` compares that with a caption
-`a {color} {shape}[ moving {direction}]`. The demo report and its tests use it; it knows nothing of
-models.
+and motion cannot be told. Otherwise it names the colour (nearest palette entry), the shape (a
+triangle, apex up, is much narrower in the top third of its bounding box than in the bottom third; of
+the symmetric shapes a square fills its box, a circle π/4 of it) and the motion (the centroid's
+displacement between the first and last quarter of the clip). `judge` compares that with a caption
+`a {color} {shape}[ moving {direction}]`. The run report uses it; it knows nothing of models.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def _training(kind: str) -> dict:
 def _write_configs(root: Path) -> Path:
     def dump(name: str, data: dict) -> str:
         path = root / name
-        path.write_text(yaml.safe_dump(data))
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
         return str(path)
 
     trainings = {}

@@ -137,6 +137,8 @@ def test_launch_sh_help_and_demo_plan(tmp_path):
     )
     assert demo.returncode == 0, demo.stderr
     stages = ("synth", "preprocess", "train-base", "train-tsr", "train-ssr", "render", "report")
-    assert [line.split()[:2] for line in demo.stdout.splitlines()[1:8]] == [[s, "run"] for s in stages]
+    lines = demo.stdout.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("stage"))) + 1 :][:7]
+    assert [line.split()[:2] for line in table] == [[s, "run"] for s in stages]
     bad = subprocess.run([ROOT / "launch.sh", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'frobnicate'" in bad.stderr

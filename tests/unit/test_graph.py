@@ -49,9 +49,10 @@ class Toy:
 
         return run
 
-    def run(self, selection: Selection = Selection()) -> dict[str, str]:
+    def run(self, selection: Selection | None = None) -> dict[str, str]:
         stages = self.stages()
-        return run_graph(stages, self.root, plan_graph(stages, self.root, selection), log=lambda _: None)
+        plan = plan_graph(stages, self.root, selection or Selection())
+        return run_graph(stages, self.root, plan, log=lambda _: None)
 
 
 def test_second_run_skips_every_stage(tmp_path):
