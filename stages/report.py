@@ -49,8 +49,9 @@ LOG_SCALE_RATIO = 20.0
 
 CHECK_EXPLANATION = (
     "For prompts that are synthetic-dataset captions, each stage's frames are read back: the colour is "
-    "the nearest palette colour of the pixels that differ from the background, the shape comes from how "
-    "much of its bounding box the shape fills and how it tapers towards the top, and the direction from "
+    "the nearest palette colour of the pixels that differ from the background; unless those pixels form "
+    "one blob in most frames (scattered pieces have no shape and no motion), the shape comes from how "
+    "much of its bounding box the blob fills and how it tapers towards the top, and the direction from "
     "how its centroid moves between the first and last quarter of the clip."
 )
 
