@@ -17,9 +17,9 @@ from pipeline.graph import GraphError
 
 def _load(items: Sequence[str]) -> RunConfig:
     """YAML paths and key=value overrides, in the order given."""
-    paths = [item for item in items if "=" not in item]
-    overrides = [item for item in items if "=" in item]
-    return load_config(paths, overrides)
+    from pipeline.job import split_items
+
+    return load_config(*split_items(items))
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -196,11 +196,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import time
 
     from pipeline.graph import Selection, format_plan, format_status, plan_graph, run_graph, status_rows
-    from pipeline.job import Job, load_pipeline
+    from pipeline.job import Job, load_pipeline, split_items
     from stages.report import format_duration
 
-    paths = [item for item in args.config if "=" not in item]
-    overrides = [item for item in args.config if "=" in item]
+    paths, overrides = split_items(args.config)
     if args.out:
         overrides.append(f"out_dir={args.out}")
     job = Job(load_pipeline(paths, overrides), address=args.address, progress=not args.quiet)

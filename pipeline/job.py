@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -55,12 +55,13 @@ def load_pipeline(paths: Sequence[str | Path], overrides: Sequence[str] = ()) ->
     return load_config(paths, overrides, schema=PipelineConfig)
 
 
-def _split(items: Sequence[str]) -> tuple[list[str], list[str]]:
+def split_items(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Command-line style items → (YAML paths, key=value overrides), each in the order given."""
     return [i for i in items if "=" not in i], [i for i in items if "=" in i]
 
 
 def _run_config(items: Sequence[str], extra: Sequence[str], where: str) -> RunConfig:
-    paths, overrides = _split(items)
+    paths, overrides = split_items(items)
     try:
         return load_config(paths, [*overrides, *extra])
     except ConfigError as err:
@@ -347,8 +348,3 @@ def _last_metrics(cfg: RunConfig) -> dict:
 def _last_loss(cfg: RunConfig) -> str:
     loss = _last_metrics(cfg).get("loss")
     return f"{loss:.4f}" if isinstance(loss, float) else ""
-
-
-def with_out_dir(cfg: PipelineConfig, out_dir: str) -> PipelineConfig:
-    """The same pipeline writing into another run directory."""
-    return replace(cfg, out_dir=out_dir)

@@ -33,6 +33,10 @@ from configs import RunConfig
 from pipeline.ray_cluster import ensure_ray
 from stages.train import NonFiniteError, TrainResult, train
 
+WAIT_FOR_RESOURCES_S = 7 * 24 * 3600
+"""How long a training's workers wait for free resources before Ray Train gives up (unless
+RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S is set)."""
+
 WorkerFn = Callable[..., TrainResult]
 """`train`'s signature: `(cfg, *, resume, progress) -> TrainResult`."""
 
@@ -119,7 +123,10 @@ def ray_train(
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2._internal.constants import is_v2_enabled  # the switch ray.train itself reads
+    from ray.train.v2._internal.constants import (  # the switches ray.train itself reads
+        WORKER_GROUP_START_TIMEOUT_S_ENV_VAR,
+        is_v2_enabled,
+    )
 
     if not is_v2_enabled():
         raise RuntimeError("ray_train needs the Ray Train V2 API: unset RAY_TRAIN_V2_ENABLED=0")
@@ -129,6 +136,9 @@ def ray_train(
         raise ValueError(
             f"gpus_per_worker={gpus_per_worker}: nccl needs a whole GPU per rank (use 0 for CPU, or >= 1)"
         )
+    # queue for the workers' resources (e.g. behind the other trainings of a pipeline) instead of
+    # failing after Ray Train's default 60 s; the variable reaches the controller from this process
+    os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, str(WAIT_FOR_RESOURCES_S))
     ensure_ray(address)
     cfg = _absolute(cfg)
     use_gpu = gpus_per_worker > 0
