@@ -274,9 +274,8 @@ class Job:
             finally:
                 stop.set()
                 follower.join()
-            return (
-                f"{result.step} steps, last loss {_last_loss(cfg) or 'n/a'}, checkpoint {result.checkpoint}"
-            )
+            loss = _loss(_last_metrics(cfg)) or "n/a"
+            return f"{result.step} steps, last loss {loss}, checkpoint {result.checkpoint}"
 
         return run
 
@@ -289,10 +288,10 @@ class Job:
             total=cfg.train.steps, desc=f"train-{name}", unit="step", position=index, leave=True
         ) as bar:
             while not stop.wait(2.0):
-                step = _last_metrics(cfg).get("step")
-                if isinstance(step, int):
-                    bar.n = step + 1
-                    bar.set_postfix(loss=f"{_last_loss(cfg)}", refresh=False)
+                metrics = _last_metrics(cfg)
+                if isinstance(metrics.get("step"), int):
+                    bar.n = metrics["step"] + 1
+                    bar.set_postfix(loss=_loss(metrics), refresh=False)
                     bar.refresh()
 
     def _render(self) -> str:
@@ -345,6 +344,7 @@ def _last_metrics(cfg: RunConfig) -> dict:
         return {}
 
 
-def _last_loss(cfg: RunConfig) -> str:
-    loss = _last_metrics(cfg).get("loss")
+def _loss(metrics: dict) -> str:
+    """A metrics line's loss, formatted ("" when it has none)."""
+    loss = metrics.get("loss")
     return f"{loss:.4f}" if isinstance(loss, float) else ""
