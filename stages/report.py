@@ -30,7 +30,7 @@ import numpy as np
 from stages.media_out import atomic_path, contact_sheet, frame_indices
 from stages.metrics import METRICS_FILE
 from stages.render_output import SIDECAR, load_video_tensor, read_json, video_frames
-from stages.synth_check import describe, judge, parse_caption
+from stages.synth_check import Description, compare, describe, parse_caption
 
 INDEX = "index.html"
 SHEET = "contact_sheet.png"
@@ -153,21 +153,21 @@ def _stage_media(job_dir: Path, record: dict[str, Any], last: bool, output: str 
     return path if path is not None and path.is_file() else None
 
 
-def _judge_stage(stage: StageView, frames: np.ndarray, caption: str | None) -> None:
+def _judge_stage(stage: StageView, frames: np.ndarray, caption: Description | None) -> None:
     """Fill the stage's `seen` and `verdict` when the prompt is a synthetic caption."""
     if caption is None:
         return
-    stage.verdict = judge(frames, caption)
-    stage.seen = describe(frames).caption()
+    seen = describe(frames)
+    stage.verdict = compare(seen, caption)
+    stage.seen = seen.caption()
 
 
-def _caption_or_none(text: str) -> str | None:
-    """The prompt when it parses as a synthetic-dataset caption, else None (then it is not judged)."""
+def _caption_or_none(text: str) -> Description | None:
+    """The prompt parsed as a synthetic-dataset caption, else None (then it is not judged)."""
     try:
-        parse_caption(text)
+        return parse_caption(text)
     except ValueError:
         return None
-    return text
 
 
 def read_prompt(job_dir: Path) -> PromptView | None:

@@ -153,8 +153,11 @@ def describe(video: np.ndarray) -> Description:
 
 def judge(video: np.ndarray, caption: str) -> dict[str, bool]:
     """Per attribute of the caption (color, shape and, if it moves, direction): does the clip match it?"""
-    want = parse_caption(caption)
-    seen = describe(video)
+    return compare(describe(video), parse_caption(caption))
+
+
+def compare(seen: Description, want: Description) -> dict[str, bool]:
+    """`judge` for a clip already described and a caption already parsed."""
     verdict = {"color": seen.color == want.color, "shape": seen.shape == want.shape}
     if want.direction is not None:
         verdict["direction"] = seen.direction == want.direction
