@@ -10,7 +10,6 @@ This is a benchmark, never a test: numbers go to docs/PERFORMANCE.md with the ma
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -18,18 +17,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from report import print_table, write_record
+from report import machine, print_table, sync, write_record
 
 from configs import model_config
 from models.dit import VideoDiT
 from models.flops import forward_flops, parameter_count
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(preset: str, args: argparse.Namespace) -> dict:
@@ -41,12 +35,12 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     text = torch.randn(args.batch, args.text_tokens, cfg.text_dim, device=device)
     times = []
     for i in range(args.warmup + args.iters):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model(x, t, text=text)
         out.float().square().mean().backward()
-        _sync(device)
+        sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
@@ -84,12 +78,10 @@ def main() -> None:
     rows = [measure(preset, args) for preset in args.presets]
     print_table(rows)
 
-    on_cuda = args.device.startswith("cuda")
-    machine = torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu"
     record = {
         "benchmark": "model_step",
         "date": date.today().isoformat(),
-        "machine": f"{machine}, {torch.get_num_threads()} CPU threads",
+        "machine": machine(torch.device(args.device)),
         "torch": torch.__version__,
         "command": " ".join(sys.argv),
         "args": {k: v for k, v in vars(args).items() if k != "out"},

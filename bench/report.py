@@ -1,10 +1,61 @@
-"""Shared output of the benchmarks: an aligned table on stdout and a JSON record on disk."""
+"""Shared parts of the benchmarks: timing, the machine's name, an aligned table on stdout and a JSON
+record on disk."""
 
 from __future__ import annotations
 
 import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+
+
+def sig(value: float, digits: int = 3) -> float:
+    """`value` rounded to `digits` significant digits."""
+    return float(f"{value:.{digits}g}")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, warmup: int = 2, rounds: int = 5) -> float:
+    """Median seconds per call of `fn`: rounds of back-to-back calls (≥ 20 ms, or one call), synchronized
+    only at round ends, so that on CUDA kernel launches overlap as in a training step."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    reps = max(1, math.ceil(0.02 / max(time.perf_counter() - start, 1e-9)))
+    times = []
+    for _ in range(rounds):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - start) / reps)
+    return statistics.median(times)
+
+
+def machine(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    name = names[0] if names else platform.processor() or platform.machine()
+    return f"{name}, {torch.get_num_threads()} torch threads"
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

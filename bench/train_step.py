@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import print_table, write_record
+from report import machine, print_table, sig, write_record
 
 from configs import RunConfig, load_config
 from configs.presets import MODEL_PRESETS
@@ -45,11 +45,6 @@ from stages.train import DiffusionTrainer, init_distributed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CAPTION = "a slow pan over a harbour at dusk, boats rocking on the water, gulls overhead; "
-
-
-def _sig(value: float, digits: int = 3) -> float:
-    """`value` rounded to `digits` significant digits (CPU rates are tiny fractions of a GPU's)."""
-    return float(f"{value:.{digits}g}")
 
 
 def _sync(device: torch.device) -> None:
@@ -202,24 +197,12 @@ def measure(cfg: RunConfig, device: torch.device, ceiling: float, args: argparse
         "min_ms": round(min(times) * 1e3, 2),  # robust to other load on a shared machine
         "samples_per_s": round(d.batch_size / step, 2),
         "tokens_per_s": round(tokens / step),
-        "TFLOPs": _sig(achieved, 4),
-        "MFU_989_%": _sig(100 * achieved / args.peak_tflops),
-        "vs_matmul_%": _sig(100 * achieved / ceiling),
+        "TFLOPs": sig(achieved, 4),
+        "MFU_989_%": sig(100 * achieved / args.peak_tflops),
+        "vs_matmul_%": sig(100 * achieved / ceiling),
         "peak_GiB": peak if peak == "-" else round(peak, 2),
         "skips": skipped,
     }
-
-
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} torch threads"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
 
 
 def main() -> None:
@@ -258,7 +241,7 @@ def main() -> None:
     record = {
         "benchmark": "train_step",
         "date": date.today().isoformat(),
-        "machine": _machine(device),
+        "machine": machine(device),
         "command": " ".join(sys.argv),
         "software": {
             "python": platform.python_version(),

@@ -330,6 +330,8 @@ class SynthConfig:
     """Seed of the whole dataset, its bytes included."""
     image_fraction: float = 0.25
     """Share of the files that are still images."""
+    position_jitter: float = 1.0
+    """Spread of shape positions about the frame's centre line, in [0, 1]: 1 = anywhere, 0 = on it."""
 
 
 @dataclass

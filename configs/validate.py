@@ -214,6 +214,7 @@ def _validate_pipeline(p: PipelineConfig) -> None:
             _positive(f"synth.{name}", getattr(p.synth, name))
         _positive("synth.fps", p.synth.fps)
         _unit_interval("synth.image_fraction", p.synth.image_fraction)
+        _unit_interval("synth.position_jitter", p.synth.position_jitter)
     for name, t in p.trainings.items():
         if not t.config:
             raise ValueError(f"trainings.{name}.config: empty; expected run-config YAML files and overrides")

@@ -275,7 +275,7 @@ class VideoDiT(nn.Module):
         # tokens: (B, T'·S, D)
         inp = torch.cat([x, cond], dim=1) if self.is_sr else x
         tokens = self.patch_embed(patchify(inp, self.patch))
-        ctx = self._context(x, (tp, hp, wp), segments, text, text_mask)
+        ctx = self.block_context(x, (tp, hp, wp), segments, text, text_mask)
         if self.config.pos_embed == "sincos":
             positions = (
                 frame_positions(segments) if segments is not None else torch.arange(tp, device=x.device)
@@ -301,9 +301,11 @@ class VideoDiT(nn.Module):
         mask = torch.where(drop[..., None], null_mask, mask)
         return text, mask
 
-    def _context(
+    def block_context(
         self, x: Tensor, grid: tuple[int, int, int], segments: Tensor | None, text: Tensor, text_mask: Tensor
     ) -> BlockContext:
+        """What every block of a forward pass shares for video x (B, C, T, H, W) of patch grid (T', H', W'):
+        backend, RoPE tables, temporal segments and the projected text tokens (text as `forward` takes it)."""
         tp, hp, wp = grid
         head_dim = self.config.width // self.config.heads
         rope = self.config.pos_embed == "rope"

@@ -3,7 +3,7 @@ aspect ratios and frame counts than it was trained on.
 
 - rope: rotary embeddings applied to queries and keys; spatial attention rotates half of each head by
   the row index and half by the column index (2-D), temporal attention rotates by the frame index (1-D).
-- sincos: absolute embeddings added to the tokens, a 2-D spatial table plus a 1-D temporal one.
+- sincos: absolute embeddings added to the tokens, frame, row and column tables in separate channels.
 """
 
 from __future__ import annotations
@@ -60,15 +60,32 @@ def frame_positions(segments: Tensor) -> Tensor:
     return index - first
 
 
-def sincos_table(frame_pos: Tensor, height: int, width: int, dim: int) -> Tensor:
-    """(B, T'·H'·W', D) absolute positions in (T S) order: 2-D spatial (rows | columns) plus 1-D temporal.
+def sincos_split(dim: int) -> tuple[int, int, int]:
+    """Channels of a sincos table given to (frames, rows, columns): a quarter to time, the rest to space.
 
-    `frame_pos` (B, T') gives each frame's temporal position (restarting in every packed segment).
+    Every part is even (sin and cos halves) when `dim` is a multiple of 8, which config validation asks.
+    """
+    frames = 2 * (dim // 8)
+    rows = 2 * (3 * dim // 16)
+    return frames, rows, dim - frames - rows
+
+
+def sincos_table(frame_pos: Tensor, height: int, width: int, dim: int) -> Tensor:
+    """(B, T'·H'·W', D) absolute positions in (T S) order: frame, row and column tables side by side.
+
+    `frame_pos` (B, T') gives each frame's temporal position (restarting in every packed segment). Each
+    axis owns its own channels (`sincos_split`): summed into the same channels, a token's frame and row
+    would be entangled, and where an object is at which frame (its motion) is slow to learn from them.
     """
     device = frame_pos.device
+    d_frames, d_rows, d_cols = sincos_split(dim)
     rows = torch.arange(height, device=device).repeat_interleave(width)
     cols = torch.arange(width, device=device).repeat(height)
-    spatial = torch.cat([_sincos_1d(rows, dim // 2), _sincos_1d(cols, dim // 2)], dim=-1)  # (S, D)
-    temporal = _sincos_1d(frame_pos.flatten(), dim).unflatten(0, frame_pos.shape)  # (B, T', D)
-    table = temporal[:, :, None, :] + spatial[None, None, :, :]  # (B, T', S, D)
+    spatial = torch.cat([_sincos_1d(rows, d_rows), _sincos_1d(cols, d_cols)], dim=-1)  # (S, D - d_frames)
+    temporal = _sincos_1d(frame_pos.flatten(), d_frames).unflatten(0, frame_pos.shape)  # (B, T', d_frames)
+    b, tp = frame_pos.shape
+    table = torch.cat(
+        [temporal[:, :, None, :].expand(b, tp, height * width, d_frames), spatial.expand(b, tp, -1, -1)],
+        dim=-1,
+    )  # (B, T', S, D)
     return rearrange(table, "B T S D -> B (T S) D")

@@ -90,6 +90,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         fps=args.fps,
         seed=args.seed,
         image_fraction=args.image_fraction,
+        position_jitter=args.position_jitter,
         progress=not args.quiet,
     )
     print(f"wrote {summary.videos} videos and {summary.images} images with captions to {summary.out}")
@@ -278,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-fraction", type=float, default=0.25)
+    p.add_argument(
+        "--position-jitter", type=float, default=1.0, help="0 = shapes on the centre line, 1 = anywhere"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_synth)
     p = sub.add_parser("train", help="train: one process of a launcher's world, or --ray for Ray Train")

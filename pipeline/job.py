@@ -240,6 +240,7 @@ class Job:
             s.fps,
             s.seed,
             s.image_fraction,
+            s.position_jitter,
             progress=self.progress,
         )
         return f"{summary.videos} videos and {summary.images} images"

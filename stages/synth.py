@@ -137,13 +137,26 @@ def _cycled(rng: np.random.Generator, n: int, pool: int) -> list[int]:
     return out[:n]
 
 
-def plan_items(count: int, size: int, seed: int, image_fraction: float = 0.25) -> list[dict[str, object]]:
+def position_range(size: int, side: int, jitter: float) -> tuple[int, int]:
+    """Inclusive range of a shape's free top-left coordinate: the central `jitter` share of the frame's.
+
+    jitter 1 lets the shape sit anywhere fully inside the frame; 0 pins it to the centre line.
+    """
+    lo, hi = _margin(size), size - side - _margin(size)  # every fully-inside top-left
+    centre, half = (lo + hi) / 2, jitter * (hi - lo) / 2
+    first = math.floor(centre - half + 0.5)
+    return first, max(first, math.floor(centre + half))
+
+
+def plan_items(
+    count: int, size: int, seed: int, image_fraction: float = 0.25, position_jitter: float = 1.0
+) -> list[dict[str, object]]:
     """The dataset's items (videos then images) as manifest entries; deterministic per seed."""
     rng = np.random.default_rng(seed)
     n_images = round(count * image_fraction)
     n_videos = count - n_images
     side = shape_side(size)
-    lo, hi = _margin(size), size - side - _margin(size)  # inclusive range of a fully-inside top-left
+    lo, hi = position_range(size, side, position_jitter)
 
     items: list[dict[str, object]] = []
     for i, k in enumerate(_cycled(rng, n_videos, len(VIDEO_COMBOS))):
@@ -224,7 +237,15 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def validate_args(count: int, frames: int, size: int, fps: float, seed: int, image_fraction: float) -> None:
+def validate_args(
+    count: int,
+    frames: int,
+    size: int,
+    fps: float,
+    seed: int,
+    image_fraction: float,
+    position_jitter: float = 1.0,
+) -> None:
     """Raise ValueError naming the first bad argument and what was expected."""
     _check_int("count", count, 1)
     _check_int("frames", frames, 2)
@@ -238,6 +259,10 @@ def validate_args(count: int, frames: int, size: int, fps: float, seed: int, ima
         raise ValueError(f"image_fraction must be a number in [0, 1], got {image_fraction!r}")
     if not 0.0 <= image_fraction <= 1.0:
         raise ValueError(f"image_fraction must be in [0, 1], got {image_fraction!r}")
+    if isinstance(position_jitter, bool) or not isinstance(position_jitter, (int, float)):
+        raise ValueError(f"position_jitter must be a number in [0, 1], got {position_jitter!r}")
+    if not 0.0 <= position_jitter <= 1.0:
+        raise ValueError(f"position_jitter must be in [0, 1], got {position_jitter!r}")
 
 
 def _remove_stale(out: Path, keep: set[str]) -> None:
@@ -263,6 +288,7 @@ def run_synth(
     fps: float = 8.0,
     seed: int = 0,
     image_fraction: float = 0.25,
+    position_jitter: float = 1.0,
     progress: bool = True,
 ) -> SynthSummary:
     """Write `count` captioned items into `out`: round(count·image_fraction) PNG images, the rest mp4 videos.
@@ -272,13 +298,13 @@ def run_synth(
     once the video count reaches 48 (count ≥ 64 at the default image fraction). Rerunning into the same
     folder overwrites the files and removes those a previous run listed that this one does not write.
     """
-    validate_args(count, frames, size, fps, seed, image_fraction)
+    validate_args(count, frames, size, fps, seed, image_fraction, position_jitter)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out must be a directory, but {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
 
-    items = plan_items(count, size, seed, image_fraction)
+    items = plan_items(count, size, seed, image_fraction, position_jitter)
     _remove_stale(out, {str(item["file"]) for item in items})
 
     files: list[Path] = []
@@ -300,6 +326,7 @@ def run_synth(
         "fps": fps,
         "seed": seed,
         "image_fraction": image_fraction,
+        "position_jitter": position_jitter,
         "codec": "libx264",
         "crf": CRF,
         "preset": PRESET,

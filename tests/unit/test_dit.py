@@ -8,6 +8,7 @@ import torch
 from configs import model_config
 from models.dit import VideoDiT
 from models.layers import patchify, unpatchify
+from models.positions import sincos_split, sincos_table
 
 TEXT_LEN = 5
 
@@ -111,6 +112,26 @@ def test_padded_text_tokens_do_not_matter():
     torch.testing.assert_close(
         model(x, t, text=text, text_mask=mask, fps=fps), model(x, t, text=changed, text_mask=mask, fps=fps)
     )
+
+
+# ---- positions -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [8, 64, 1152])
+def test_sincos_gives_frame_row_and_column_their_own_channels(dim):
+    frames, rows, cols = sincos_split(dim)
+    assert frames + rows + cols == dim and frames % 2 == rows % 2 == cols % 2 == 0
+    height, width, tp = 3, 4, 5
+    table = sincos_table(torch.arange(tp)[None], height, width, dim)[0]  # (T'·S, D)
+    grid = table.view(tp, height, width, dim)
+    time_part, row_part, col_part = grid.split([frames, rows, cols], dim=-1)
+    # each part depends on its own axis only...
+    assert torch.equal(time_part, time_part[:, :1, :1].expand_as(time_part))
+    assert torch.equal(row_part, row_part[:1, :, :1].expand_as(row_part))
+    assert torch.equal(col_part, col_part[:1, :1, :].expand_as(col_part))
+    # ...and tells every index of it apart
+    for part, axis in ((time_part[:, 0, 0], tp), (row_part[0, :, 0], height), (col_part[0, 0, :], width)):
+        assert torch.cdist(part, part).add(torch.eye(axis) * 1e9).min() > 1e-3
 
 
 # ---- images as single frames, packing -----------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_block_equals_loop_reference():
     c = torch.randn(batch, cfg.width, dtype=torch.float64)
     text = torch.randn(batch, length, cfg.width, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
-    ctx = model._context(
+    ctx = model.block_context(
         torch.zeros(batch, 3, 3, 4, 6, dtype=torch.float64),
         grid,
         None,

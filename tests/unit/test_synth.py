@@ -245,6 +245,54 @@ def test_image_fraction(tmp_path, fraction, videos, images):
     assert len(summary.files) == 3 and all(p.exists() for p in summary.files)
 
 
+def _cross_positions(items: list[dict]) -> tuple[set[int], set[int]]:
+    """Video cross-axis coordinates and still-image coordinates of the manifest's items."""
+    video, image = set(), set()
+    for it in items:
+        (x0, y0), (x1, y1) = it["start"], it["end"]
+        if it["direction"] is None:
+            image |= {x0, y0}
+        else:
+            assert (y0 == y1) if it["direction"] in ("left", "right") else (x0 == x1)
+            video.add(y0 if it["direction"] in ("left", "right") else x0)
+    return video, image
+
+
+def test_position_jitter_zero_pins_shapes_to_the_centre_line(tmp_path):
+    run_synth(tmp_path, count=64, frames=2, size=32, seed=3, position_jitter=0.0, progress=False)
+    side = _manifest(tmp_path)["items"][0]["side"]
+    video, image = _cross_positions(_manifest(tmp_path)["items"])
+    centre = {(32 - side) // 2, (32 - side + 1) // 2}  # the centred top-left (either, when not integral)
+    assert len(video) == 1 and video <= centre
+    assert image == video
+    # the moving axis still crosses the frame: the first frame's shape is far from the last frame's
+    for it in _manifest(tmp_path)["items"]:
+        if it["direction"]:
+            assert max(abs(a - b) for a, b in zip(it["start"], it["end"])) >= 32 - side - 2
+
+
+def test_position_jitter_narrows_the_spread_around_the_centre(tmp_path):
+    spreads = {}
+    for jitter in (1.0, 0.3):
+        run_synth(
+            tmp_path / str(jitter),
+            count=96,
+            frames=2,
+            size=64,
+            seed=5,
+            position_jitter=jitter,
+            progress=False,
+        )
+        items = _manifest(tmp_path / str(jitter))["items"]
+        video, image = _cross_positions(items)
+        side, margin = items[0]["side"], 2
+        free = 64 - side - 2 * margin  # range of a fully-inside top-left at jitter 1
+        centre = margin + free / 2
+        spreads[jitter] = max(abs(p - centre) for p in video | image)
+        assert spreads[jitter] <= jitter * free / 2 + 0.5
+    assert spreads[0.3] < spreads[1.0] / 2
+
+
 def test_rerun_with_fewer_items_removes_stale_files(tmp_path):
     run_synth(tmp_path, count=8, frames=2, size=16, progress=False)
     (tmp_path / "notes.md").write_text("mine")
@@ -270,6 +318,8 @@ def test_rerun_with_fewer_items_removes_stale_files(tmp_path):
         ({"fps": float("nan")}, "fps"),
         ({"seed": -1}, "seed"),
         ({"image_fraction": 1.5}, "image_fraction"),
+        ({"position_jitter": -0.1}, "position_jitter"),
+        ({"position_jitter": "0"}, "position_jitter"),
     ],
 )
 def test_argument_errors_name_the_argument(tmp_path, kwargs, name):

@@ -1,0 +1,175 @@
+"""Seconds per cascade stage and per video of offline rendering (`stages.render.render`), with untrained
+checkpoints built from the cascade's own `model` blocks; prints a table and writes JSON.
+
+    python bench/render.py              # CPU default: configs/cascade/demo.yaml, its steps, 2 videos, batch 1
+    python bench/render.py --steps 4 --batch 2 --prompts 4
+    python bench/render.py --cascade configs/cascade/imagen_video.yaml --steps 4 --prompts 2   # H200
+
+Checkpoints: for every stage, a freshly initialised DiT of the stage's `model` block (kind and
+super-resolution factor from the stage) and a byte text encoder, written into a temporary directory as
+the committed training checkpoints the renderer loads (`config.yaml`, `exported/` by
+`stages.train.export_weights`, the `COMMITTED` marker); nothing is downloaded. The text encoder is the
+byte encoder at --text-width, and each model's text_dim is set to it: a cascade written for T5
+embeddings (imagen_video: 4096) would need a local T5, and the text encoder, run once per prompt and
+stage, is not what this measures. Untrained weights cost the same time as trained ones. The weights
+are fp32: imagen_video.yaml's seven stages write about 12 GB (3 B parameters) into the temporary directory.
+
+Timed: `render(cascade, prompts, RenderConfig(batch_size=--batch, no intermediate media, no contact
+sheet))` with the local executor (stages one after another in this process, as `render --local`), after
+an untimed warm-up render of one prompt at one step per stage (CUDA context, kernels, allocator).
+Per stage: the renderer's own wall clock around `StageRunner.run` (text encoding, conditioning upsample,
+every sampler step, each with classifier-free guidance when the stage's guidance weight is not 1) per
+video and per step. Per video: the sum over the stages, and the whole render's wall clock ÷ videos, which
+adds loading every stage's weights and writing the final mp4 and sidecars. Rendering runs in float32 on
+CUDA when available (the renderer has no reduced-precision option).
+This is a benchmark, never a test: numbers go to docs/PERFORMANCE.md with the machine and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import platform
+import shutil
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+from report import machine, print_table, write_record
+
+from configs import CascadeConfig, DataConfig, RenderConfig, RunConfig, TextConfig, dump_config, load_cascade
+from configs.cascade import stage_factor
+from configs.validate import validate
+from models.dit import VideoDiT
+from models.flops import token_grid
+from models.text import ByteTextEncoder
+from stages.checkpoint import MARKER, step_dir
+from stages.render import RenderSummary, render
+from stages.train import export_weights
+
+CAPTIONS = ["a red circle moving right", "a blue square moving up", "a green triangle", "waves at dusk"]
+
+
+def build_checkpoints(cascade: CascadeConfig, root: Path, text_width: int) -> list[Path]:
+    """One committed checkpoint of untrained weights per stage under `root/<stage>`; their step dirs."""
+    steps = []
+    for i, stage in enumerate(cascade.stages):
+        prev = cascade.stages[i - 1] if i else None
+        model = dataclasses.replace(stage.model, kind=stage.kind, text_dim=text_width)
+        if prev is not None:
+            model = dataclasses.replace(model, sr_factor=stage_factor(prev, stage))
+        data = DataConfig(frames=stage.frames, height=stage.height, width=stage.width, fps=stage.fps or 8.0)
+        cfg = RunConfig(model=model, text=TextConfig(width=text_width), data=data)
+        validate(cfg)
+        torch.manual_seed(i)
+        t = cfg.text
+        modules = {
+            "dit": VideoDiT(cfg.model),
+            "text": ByteTextEncoder(dim=t.width, depth=t.depth, heads=t.heads, max_length=t.max_length),
+        }
+        state = {f"{m}.{k}": v for m, module in modules.items() for k, v in module.state_dict().items()}
+        step = step_dir(root / stage.name, 1)
+        export_weights(step, cfg, {"ema": state})
+        dump_config(cfg, step / "config.yaml")
+        (step / MARKER).write_text("1\n")
+        steps.append(step)
+    return steps
+
+
+def cascade_with(args: argparse.Namespace, checkpoints: list[Path], steps: int | None) -> CascadeConfig:
+    """The cascade file with the built checkpoints, `steps` on every stage (None: the file's) and the
+    user's overrides."""
+    overrides = [f"stages.{i}.checkpoint={path}" for i, path in enumerate(checkpoints)]
+    if steps is not None:
+        overrides += [f"stages.{i}.steps={steps}" for i in range(len(checkpoints))]
+    return load_cascade(args.cascade, [*overrides, *args.override])
+
+
+def stage_rows(cascade: CascadeConfig, summary: RenderSummary) -> list[dict[str, Any]]:
+    """Per stage: seconds per video and per step; then the sum per video and the render's wall clock."""
+    rows: list[dict[str, Any]] = []
+    for stage, stats in zip(cascade.stages, summary.stages):
+        m, per_video = stage.model, stats["seconds"] / stats["prompts"]
+        rows.append(
+            {
+                "stage": stage.name,
+                "kind": stage.kind,
+                "model": f"{m.preset or 'custom'} D={m.width} depth={m.depth}",
+                "output": f"{stage.frames}×{stage.height}×{stage.width}",
+                "tokens": math.prod(token_grid(m, stage.frames, stage.height, stage.width)),
+                "steps": stage.steps,
+                "cfg": "yes" if stage.guidance_scale != 1 else "no",
+                "s_per_video": round(per_video, 3),
+                "ms_per_step": round(1e3 * per_video / stage.steps, 2),
+            }
+        )
+    sampling = sum(r["s_per_video"] for r in rows)
+    for row in rows:
+        row["share_%"] = round(100 * row["s_per_video"] / sampling, 1)
+    blank = dict.fromkeys(rows[0], "-")
+    wall = summary.seconds / len(summary.prompts)
+    return [
+        *rows,
+        {**blank, "stage": "per video", "s_per_video": round(sampling, 3), "share_%": 100.0},
+        {**blank, "stage": "wall / video", "s_per_video": round(wall, 3)},
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cascade", type=Path, default=Path("configs/cascade/demo.yaml"))
+    parser.add_argument("--steps", type=int, default=0, help="sampler steps of every stage (0: the file's)")
+    parser.add_argument("--batch", type=int, default=1, help="render.batch_size: prompts per stage batch")
+    parser.add_argument("--prompts", type=int, default=2, help="videos rendered (timed)")
+    parser.add_argument("--text-width", type=int, default=64, help="byte text encoder width = model.text_dim")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed one-step render")
+    parser.add_argument("--override", nargs="*", default=[], help="dotted cascade overrides")
+    parser.add_argument("--out", "--json", type=Path, default=Path("bench/results/render.json"))
+    args = parser.parse_args()
+    load_cascade(args.cascade, args.override)  # fail on a bad file or override before building anything
+
+    scratch = Path(tempfile.mkdtemp(prefix="tessera-bench-render-"))
+    try:
+        checkpoints = build_checkpoints(
+            load_cascade(args.cascade, args.override), scratch / "ckpt", args.text_width
+        )
+        prompts = [f"{i}: {CAPTIONS[i % len(CAPTIONS)]}" for i in range(args.prompts)]
+        settings = {"batch_size": args.batch, "save_intermediate": False, "contact_sheet": False}
+        if not args.no_warmup:
+            render(
+                cascade_with(args, checkpoints, 1),
+                prompts[:1],
+                RenderConfig(out_dir=str(scratch / "warm"), **settings),
+            )
+        cascade = cascade_with(args, checkpoints, args.steps or None)
+        summary = render(cascade, prompts, RenderConfig(out_dir=str(scratch / "out"), **settings))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    rows = stage_rows(cascade, summary)
+    print_table(rows)
+
+    record = {
+        "benchmark": "render",
+        "date": date.today().isoformat(),
+        "machine": machine(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "command": " ".join(sys.argv),
+        "software": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "cascade": cascade.name,
+        "render_seconds": round(summary.seconds, 3),
+        "rows": rows,
+    }
+    write_record(args.out, record)
+
+
+if __name__ == "__main__":
+    main()
