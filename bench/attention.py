@@ -256,7 +256,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", "--json", type=Path, default=Path("bench/results/attention.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/attention.json"))
     args = parser.parse_args()
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:

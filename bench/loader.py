@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed steps (the trainer runs 2×)")
     parser.add_argument("--target-wait", type=float, default=5.0, help="data wait %% of step time")
     parser.add_argument("--override", nargs="*", default=[], help="extra dotted config overrides")
-    parser.add_argument("--out", "--json", type=Path, default=Path("bench/results/loader.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/loader.json"))
     args = parser.parse_args()
     import torch  # not at module level (see the docstring); interpreter imports are not timed
 

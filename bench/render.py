@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--text-width", type=int, default=64, help="byte text encoder width = model.text_dim")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed one-step render")
     parser.add_argument("--override", nargs="*", default=[], help="dotted cascade overrides")
-    parser.add_argument("--out", "--json", type=Path, default=Path("bench/results/render.json"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/render.json"))
     args = parser.parse_args()
     load_cascade(args.cascade, args.override)  # fail on a bad file or override before building anything
 

@@ -74,8 +74,7 @@ def sincos_table(frame_pos: Tensor, height: int, width: int, dim: int) -> Tensor
     """(B, T'·H'·W', D) absolute positions in (T S) order: frame, row and column tables side by side.
 
     `frame_pos` (B, T') gives each frame's temporal position (restarting in every packed segment). Each
-    axis owns its own channels (`sincos_split`): summed into the same channels, a token's frame and row
-    would be entangled, and where an object is at which frame (its motion) is slow to learn from them.
+    axis owns its own channels (`sincos_split`), so a token's frame and row are never summed together.
     """
     device = frame_pos.device
     d_frames, d_rows, d_cols = sincos_split(dim)
