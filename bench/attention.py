@@ -40,18 +40,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
-import sys
 import warnings
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import torch
 from einops import rearrange
 from factorized_vs_full import DTYPES, dit_block, step_fn
-from report import machine, print_table, sig, time_call, write_record
+from report import print_table, record_header, sig, time_call, write_record
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -276,18 +273,13 @@ def main() -> None:
         print_table(rows)
 
     record = {
-        "benchmark": "attention",
-        "date": date.today().isoformat(),
-        "machine": machine(device),
-        "command": " ".join(sys.argv),
-        "software": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-            "xformers": _xformers_version(),
-        },
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        **record_header(
+            "attention",
+            device,
+            args,
+            cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
+            xformers=_xformers_version(),
+        ),
         "bandwidth_GBs": {"used": bandwidth, "measured_copy": round(measured, 1)},
         "conventions": {"fwd_flops": "4·N·H·Lq·Lk·Dh", "fwd_bwd_flops": FWD_BWD_FLOPS, "fwd_bwd_tensors": 12},
         **tables,

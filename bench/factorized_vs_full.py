@@ -33,15 +33,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import platform
-import sys
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import torch
-from report import machine, print_table, sig, time_call, write_record
+from report import print_table, record_header, sig, time_call, write_record
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -198,16 +195,7 @@ def main() -> None:
     rows = [measure(tp, args, device) for tp in args.frames]
     print_table(rows)
     record = {
-        "benchmark": "factorized_vs_full",
-        "date": date.today().isoformat(),
-        "machine": machine(device),
-        "command": " ".join(sys.argv),
-        "software": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-        },
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        **record_header("factorized_vs_full", device, args),
         "flops": "FlopCounterMode, forward + backward, naive attention on the meta device",
         "rows": rows,
     }

@@ -31,16 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
-from report import print_table, write_record
+from report import print_table, record_header, write_record
 
 from configs import RunConfig, load_config
 from configs.presets import MODEL_PRESETS
@@ -187,20 +184,14 @@ def main() -> None:
     print(f"verdict: {verdict}")
 
     import deepspeed
-    from factorized_vs_full import machine
 
     record = {
-        "benchmark": "loader",
-        "date": date.today().isoformat(),
-        "machine": machine(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-        "command": " ".join(sys.argv),
-        "software": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__,
-            "cuda": torch.version.cuda,
-        },
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        **record_header(
+            "loader",
+            torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+            args,
+            deepspeed=deepspeed.__version__,
+        ),
         "dataset": {"videos": args.count, "clips": manifest["samples"]},
         "rows": rows,
         "verdict": verdict,

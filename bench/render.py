@@ -30,16 +30,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import platform
 import shutil
-import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import torch
-from report import machine, print_table, write_record
+from report import print_table, record_header, write_record
 
 from configs import CascadeConfig, DataConfig, RenderConfig, RunConfig, TextConfig, dump_config, load_cascade
 from configs.cascade import stage_factor
@@ -154,16 +151,7 @@ def main() -> None:
     print_table(rows)
 
     record = {
-        "benchmark": "render",
-        "date": date.today().isoformat(),
-        "machine": machine(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-        "command": " ".join(sys.argv),
-        "software": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-        },
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        **record_header("render", torch.device("cuda" if torch.cuda.is_available() else "cpu"), args),
         "cascade": cascade.name,
         "render_seconds": round(summary.seconds, 3),
         "rows": rows,

@@ -3,16 +3,23 @@ record on disk."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions: bench/preprocess.py and bench/loader.py keep their module level
+# free of it, because the preprocessing job's decode processes import the script's module.
 
 
 def sig(value: float, digits: int = 3) -> float:
@@ -22,6 +29,8 @@ def sig(value: float, digits: int = 3) -> float:
 
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU)."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -49,6 +58,8 @@ def time_call(fn: Callable[[], Any], device: torch.device, warmup: int = 2, roun
 
 def machine(device: torch.device) -> str:
     """The GPU's name, or the CPU model and torch's thread count."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpuinfo = Path("/proc/cpuinfo")
@@ -56,6 +67,27 @@ def machine(device: torch.device) -> str:
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     name = names[0] if names else platform.processor() or platform.machine()
     return f"{name}, {torch.get_num_threads()} torch threads"
+
+
+def record_header(
+    benchmark: str, device: torch.device, args: argparse.Namespace, **software: Any
+) -> dict[str, Any]:
+    """The start of every JSON record: benchmark, date, machine, command, software versions, arguments."""
+    import torch
+
+    return {
+        "benchmark": benchmark,
+        "date": date.today().isoformat(),
+        "machine": machine(device),
+        "command": " ".join(sys.argv),
+        "software": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            **software,
+        },
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+    }
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

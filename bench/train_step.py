@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import platform
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import torch
-from report import machine, print_table, sig, write_record
+from report import print_table, record_header, sig, write_record
 
 from configs import RunConfig, load_config
 from configs.presets import MODEL_PRESETS
@@ -239,17 +237,7 @@ def main() -> None:
     import deepspeed
 
     record = {
-        "benchmark": "train_step",
-        "date": date.today().isoformat(),
-        "machine": machine(device),
-        "command": " ".join(sys.argv),
-        "software": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__,
-            "cuda": torch.version.cuda,
-        },
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        **record_header("train_step", device, args, deepspeed=deepspeed.__version__),
         "matmul_ceiling": {"dtype": matmul_dtype, "n": matmul_n, "TFLOPs": round(ceiling, 4)},
         "peak_TFLOPs": args.peak_tflops,
         "rows": rows,

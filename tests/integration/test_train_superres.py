@@ -45,7 +45,7 @@ def _shards(root: Path, count: int, seed: int, image_fraction: float = 0.0) -> P
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("sr-data")
-    return _shards(root / "train", 48, seed=5), _shards(root / "held", 8, seed=77)
+    return _shards(root / "train", 96, seed=5), _shards(root / "held", 8, seed=77)
 
 
 def _cfg(shards: Path, out: Path, kind: str, *extra: str):

@@ -82,8 +82,8 @@ def test_demo_and_image_cascades_load_and_plan(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative checkpoints resolve against the cwd: nothing trained here
     demo = plan_cascade(load_cascade(CASCADES / "demo.yaml"))
     assert [(r["name"], r["kind"], r["frames"], r["height"], r["width"], r["fps"]) for r in demo] == [
-        ("base", "base", 8, 32, 32, 4.0),
-        ("tsr", "tsr", 16, 32, 32, 8.0),
+        ("base", "base", 8, 16, 16, 4.0),
+        ("tsr", "tsr", 16, 16, 16, 8.0),
         ("ssr", "ssr", 16, 64, 64, 8.0),
     ]
     assert [r["checkpoint"] for r in demo] == ["runs/demo/base", "runs/demo/tsr", "runs/demo/ssr"]
@@ -241,7 +241,7 @@ def test_plan_reads_the_checkpoint_config_when_committed(tmp_path, monkeypatch):
     tsr, ssr = rows[1], rows[2]
     assert tsr["model_source"] == str(step)
     assert tsr["parameters"] == parameter_count(run.model) != parameter_count(cascade.stages[1].model)
-    assert tsr["flops_per_step"] == 2 * forward_flops(run.model, 16, 32, 32, 32).total  # its text length
+    assert tsr["flops_per_step"] == 2 * forward_flops(run.model, 16, 16, 16, 32).total  # its text length
     assert ssr["model_source"] == "config"  # no COMMITTED marker: not trusted
     assert rows[0]["model_source"] == "config"  # never trained
 
@@ -266,14 +266,14 @@ def test_plan_flops_match_an_independent_count(tmp_path, monkeypatch):
     cascade = load_cascade(CASCADES / "demo.yaml", ["stages.2.guidance_scale=1"])
     rows = plan_cascade(cascade, batch_size=3)
     base, ssr = cascade.stages[0], cascade.stages[2]
-    expected = 2 * forward_flops(base.model, 8, 32, 32, 64).total  # guidance 4: two passes per step
+    expected = 2 * forward_flops(base.model, 8, 16, 16, 64).total  # guidance 4: two passes per step
     assert rows[0]["flops_per_step"] == expected
     assert rows[0]["flops"] == expected * base.steps * 3
-    ssr_model = dataclasses.replace(ssr.model, kind="ssr", sr_factor=2)  # the stage's kind counts
+    ssr_model = dataclasses.replace(ssr.model, kind="ssr")  # the stage's kind counts
     assert rows[2]["flops"] == forward_flops(ssr_model, 16, 64, 64, 64).total * ssr.steps * 3  # no CFG
     assert rows[2]["tokens"] == 16 * (64 // 4) * (64 // 4)  # the demo ssr model patches 1×4×4
     assert rows[0]["memory_gib"] * 2**30 > 4 * rows[0]["parameters"]
     naive = load_cascade(CASCADES / "demo.yaml", ["stages.0.model.attention_backend=naive"])
     assert plan_cascade(naive)[0]["memory_gib"] > plan_cascade(cascade)[0]["memory_gib"]
     table = format_plan(rows)
-    assert all(name in table for name in ("base", "tsr", "ssr", "total", "8×32×32@4 → 16×32×32@8"))
+    assert all(name in table for name in ("base", "tsr", "ssr", "total", "8×16×16@4 → 16×16×16@8"))
