@@ -3,7 +3,8 @@
 Every video shows one shape (circle, square, triangle) in one colour (red, green, blue, yellow) travelling
 left, right, up or down, captioned `a {color} {shape} moving {direction}`; every still image shows one
 shape at a random position, captioned `a {color} {shape}`. The shape covers about a third of the frame
-and crosses most of it over the clip, so colour, shape and motion stay learnable at 32×32. Shapes are
+and crosses most of it over the clip, so colour, shape and motion stay learnable at 32×32;
+`position_jitter` < 1 keeps the other coordinate (and a still's position) near the frame's centre. Shapes are
 exact numpy pixel masks (no anti-aliasing) so tests can check colours, and the whole dataset, bytes
 included, is a function of the seed: attributes come from one `numpy.random.default_rng(seed)` and the
 H.264 encoder (`stages.media_out.write_mp4`) runs single-threaded with a fixed preset, without
