@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from einops import rearrange
 from factorized_vs_full import DTYPES, dit_block, step_fn
-from report import print_table, record_header, sig, time_call, write_record
+from report import fill_preset, print_table, record_header, sig, time_call, write_record
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -255,9 +255,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results/attention.json"))
     args = parser.parse_args()
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_preset(args, PRESETS[args.preset])
     device = torch.device(args.device)
     measured = copy_bandwidth(device)
     bandwidth = args.bandwidth_gbs or (4800.0 if device.type == "cuda" else measured)

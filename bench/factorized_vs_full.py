@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from report import print_table, record_header, sig, time_call, write_record
+from report import fill_preset, print_table, record_header, sig, time_call, write_record
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -187,9 +187,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results/factorized_vs_full.json"))
     args = parser.parse_args()
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_preset(args, PRESETS[args.preset])
     device = torch.device(args.device)
 
     rows = [measure(tp, args, device) for tp in args.frames]

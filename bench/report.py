@@ -69,6 +69,13 @@ def machine(device: torch.device) -> str:
     return f"{name}, {torch.get_num_threads()} torch threads"
 
 
+def fill_preset(args: argparse.Namespace, preset: dict[str, Any]) -> None:
+    """Give every size argument left unset on the command line its value from `preset`."""
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def record_header(
     benchmark: str, device: torch.device, args: argparse.Namespace, **software: Any
 ) -> dict[str, Any]:

@@ -112,13 +112,15 @@ def shape_side(size: int) -> int:
     return max(4, round(size / 3))
 
 
-def _margin(size: int) -> int:
-    return max(1, size // 32)
+def _inside(size: int, side: int) -> tuple[int, int]:
+    """Inclusive range of a top-left coordinate that keeps a `side` box inside the frame, minus a margin."""
+    margin = max(1, size // 32)
+    return margin, size - side - margin
 
 
 def _track(size: int, side: int, direction: str, cross: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Top-left (x, y) at the first and last frame: the moving axis spans the frame minus a margin."""
-    lo, hi = _margin(size), size - side - _margin(size)
+    lo, hi = _inside(size, side)
     a, b = {"right": (lo, hi), "down": (lo, hi), "left": (hi, lo), "up": (hi, lo)}[direction]
     if direction in ("left", "right"):
         return (a, cross), (b, cross)
@@ -143,7 +145,7 @@ def position_range(size: int, side: int, jitter: float) -> tuple[int, int]:
 
     jitter 1 lets the shape sit anywhere fully inside the frame; 0 pins it to the centre line.
     """
-    lo, hi = _margin(size), size - side - _margin(size)  # every fully-inside top-left
+    lo, hi = _inside(size, side)
     centre, half = (lo + hi) / 2, jitter * (hi - lo) / 2
     first = math.floor(centre - half + 0.5)
     return first, max(first, math.floor(centre + half))
@@ -245,7 +247,7 @@ def validate_args(
     fps: float,
     seed: int,
     image_fraction: float,
-    position_jitter: float = 1.0,
+    position_jitter: float,
 ) -> None:
     """Raise ValueError naming the first bad argument and what was expected."""
     _check_int("count", count, 1)
