@@ -3,6 +3,7 @@ checkpoints built from the cascade's own `model` blocks; prints a table and writ
 
     python bench/render.py              # CPU default: configs/cascade/demo.yaml, its steps, 2 videos, batch 1
     python bench/render.py --steps 4 --batch 2 --prompts 4
+    python bench/render.py --precision bf16       # render.precision: stage models in bfloat16
     python bench/render.py --cascade configs/cascade/imagen_video.yaml --steps 4 --prompts 2   # H200
 
 Checkpoints: for every stage, a freshly initialised DiT of the stage's `model` block (kind and
@@ -20,8 +21,9 @@ an untimed warm-up render of one prompt at one step per stage (CUDA context, ker
 Per stage: the renderer's own wall clock around `StageRunner.run` (text encoding, conditioning upsample,
 every sampler step, each with classifier-free guidance when the stage's guidance weight is not 1) per
 video and per step. Per video: the sum over the stages, and the whole render's wall clock ÷ videos, which
-adds loading every stage's weights and writing the final mp4 and sidecars. Rendering runs in float32 on
-CUDA when available (the renderer has no reduced-precision option).
+adds loading every stage's weights and writing the final mp4 and sidecars. Rendering runs on CUDA when
+available, with the stage models in `--precision` (`render.precision`: fp32 default, or bf16; the
+sampler state, text encoder and outputs stay float32).
 This is a benchmark, never a test: numbers go to docs/PERFORMANCE.md with the machine and the command.
 """
 
@@ -46,6 +48,7 @@ from models.flops import token_grid
 from models.text import ByteTextEncoder
 from stages.checkpoint import MARKER, step_dir
 from stages.render import RenderSummary, render
+from stages.render_stage import DTYPES
 from stages.train import export_weights
 
 CAPTIONS = ["a red circle moving right", "a blue square moving up", "a green triangle", "waves at dusk"]
@@ -124,6 +127,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2, help="videos rendered (timed)")
     parser.add_argument("--text-width", type=int, default=64, help="byte text encoder width = model.text_dim")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed one-step render")
+    parser.add_argument(
+        "--precision",
+        choices=list(DTYPES),
+        default="fp32",
+        help="render.precision: dtype of the stage models",
+    )
     parser.add_argument("--override", nargs="*", default=[], help="dotted cascade overrides")
     parser.add_argument("--out", type=Path, default=Path("bench/results/render.json"))
     args = parser.parse_args()
@@ -135,7 +144,12 @@ def main() -> None:
             load_cascade(args.cascade, args.override), scratch / "ckpt", args.text_width
         )
         prompts = [f"{i}: {CAPTIONS[i % len(CAPTIONS)]}" for i in range(args.prompts)]
-        settings = {"batch_size": args.batch, "save_intermediate": False, "contact_sheet": False}
+        settings = {
+            "batch_size": args.batch,
+            "save_intermediate": False,
+            "contact_sheet": False,
+            "precision": args.precision,
+        }
         if not args.no_warmup:
             render(
                 cascade_with(args, checkpoints, 1),

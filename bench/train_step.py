@@ -3,15 +3,18 @@ stage and precision, on synthetic in-memory batches; prints a table and writes J
 
     python bench/train_step.py                    # CPU default: tiny, 8×16×16 px, patch (1, 4, 4)
     python bench/train_step.py --zero 0 2 --precision fp32 bf16
+    python bench/train_step.py --compile          # torch.compile each block (train.compile=true)
     python bench/train_step.py --presets XL --frames 16 --size 256 --patch 1 8 8 --batch 4 \\
         --zero 2 --precision bf16                 # 16×32×32 patches: the H200 record
 
 One process, a world of one (`stages.train.init_distributed`). For each preset × frames × size × ZeRO
 stage × precision: `DiffusionTrainer(cfg)` wrapped by `deepspeed.initialize` with the run's
 `stages.parallelize.deepspeed_config`, then `engine(...)` → `engine.backward` → `engine.step` timed
-per step (synchronized on CUDA). Batches are made on the device before the clock starts, with byte
-text-encoder captions of exactly `text.max_length` tokens; no loader, no disk. Not timed: batch
-creation and host→device copies, the EMA update, metrics and checkpoints.
+per step (synchronized on CUDA). `--compile` sets `train.compile=true`, so `DiffusionTrainer` compiles
+each transformer block exactly as training does (`stages.parallelize.apply_compile`); compilation
+happens in the first warm-up step and is not timed. Batches are made on the device before the clock
+starts, with byte text-encoder captions of exactly `text.max_length` tokens; no loader, no disk. Not
+timed: batch creation and host→device copies, the EMA update, metrics and checkpoints.
 
 Model FLOPs per step = 3 × forward FLOPs (`models.flops.forward_flops`, text.max_length text tokens)
 × batch, the usual MFU basis: neither the byte text encoder nor activation recomputation is counted.
@@ -84,6 +87,7 @@ def run_config(
             f"parallel.zero_stage={zero}",
             f"parallel.precision={precision}",
             f"parallel.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+            f"train.compile={str(args.compile).lower()}",
             *args.override,
         ]
     )
@@ -173,6 +177,7 @@ def measure(cfg: RunConfig, device: torch.device, ceiling: float, args: argparse
         "zero": p.zero_stage,
         "precision": p.precision,
         "act_ckpt": "yes" if p.activation_checkpointing else "no",
+        "compile": "yes" if cfg.train.compile else "no",
         "backend": resolve_backend(m.attention_backend, device),
     }
     if device.type == "cuda":
@@ -214,6 +219,7 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", choices=list(DTYPES), default=["fp32"])
     parser.add_argument("--backend", choices=["auto", "xformers", "sdpa", "naive"], default="auto")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (train.compile)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="H100/H200 dense bf16")

@@ -210,6 +210,8 @@ class TrainConfig:
     """Sampler steps of the previews."""
     crop: list[int] = field(default_factory=list)
     """[H, W] random crop per training clip (high-res SSR trains on crops, samples full frames); [] = none."""
+    compile: bool = False
+    """torch.compile each transformer block (regional compilation) before DeepSpeed wraps the model."""
 
 
 @dataclass
@@ -244,6 +246,8 @@ class RenderConfig:
     """Also write each earlier stage's video as an mp4 (float outputs of every stage are kept for resume)."""
     contact_sheet: bool = True
     """Write a PNG contact sheet per prompt (one row per stage, frames across)."""
+    precision: str = "fp32"
+    """fp32 or bf16: dtype of the stage models while sampling (sampler state and outputs stay float32)."""
 
 
 @dataclass
@@ -332,6 +336,8 @@ class SynthConfig:
     """Share of the files that are still images."""
     position_jitter: float = 1.0
     """Spread of shape positions about the frame's centre line, in [0, 1]: 1 = anywhere, 0 = on it."""
+    shape_size: float = 1 / 3
+    """Side of a shape's box as a share of the frame's side, in (0, 0.75]."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from configs.schema import (
     ParallelConfig,
     PipelineConfig,
     PreprocessConfig,
+    RenderConfig,
     RunConfig,
     TextConfig,
     TrainConfig,
@@ -29,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "diffusion.sampler": ("ddpm", "ddim", "dpmpp_2m"),
     "diffusion.guidance_schedule": ("constant", "oscillating"),
     "parallel.precision": ("fp32", "bf16", "fp16"),
+    "render.precision": ("fp32", "bf16"),
     "preprocess.resize": ("crop", "bucket"),
     "preprocess.decoder": ("auto", "decord", "pyav"),
 }
@@ -204,6 +206,13 @@ def _validate_parallel(p: ParallelConfig) -> None:
     _positive("parallel.grad_accum", p.grad_accum)
 
 
+def validate_render(r: RenderConfig) -> None:
+    """Render settings: batch size and precision (checked by `stages.render` before any work)."""
+    if r.batch_size < 1:
+        raise ValueError(f"render.batch_size: got {r.batch_size}, expected >= 1")
+    _choice("render.precision", r.precision)
+
+
 def _validate_pipeline(p: PipelineConfig) -> None:
     """A pipeline's own fields; its run configs and cascade are checked when its graph is built."""
     for name in ("name", "out_dir"):
@@ -215,6 +224,8 @@ def _validate_pipeline(p: PipelineConfig) -> None:
         _positive("synth.fps", p.synth.fps)
         _unit_interval("synth.image_fraction", p.synth.image_fraction)
         _unit_interval("synth.position_jitter", p.synth.position_jitter)
+        if not 0.0 < p.synth.shape_size <= 0.75:
+            raise ValueError(f"synth.shape_size: got {p.synth.shape_size}, expected a value in (0, 0.75]")
     for name, t in p.trainings.items():
         if not t.config:
             raise ValueError(f"trainings.{name}.config: empty; expected run-config YAML files and overrides")
@@ -252,6 +263,7 @@ def validate(cfg: Any) -> None:
     _validate_train(cfg.train)
     _validate_super_resolution(cfg)
     _validate_parallel(cfg.parallel)
+    validate_render(cfg.render)
     if cfg.text.encoder == "byte" and cfg.model.text_dim != cfg.text.width:
         raise ValueError(
             f"model.text_dim={cfg.model.text_dim} must equal text.width={cfg.text.width} "

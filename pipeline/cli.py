@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from configs import ConfigError, RenderConfig, RunConfig, dump_config, fingerprint, load_config
+from configs.validate import CHOICES
 from pipeline.graph import GraphError
 
 
@@ -91,6 +92,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         image_fraction=args.image_fraction,
         position_jitter=args.position_jitter,
+        shape_size=args.shape_size,
         progress=not args.quiet,
     )
     print(f"wrote {summary.videos} videos and {summary.images} images with captions to {summary.out}")
@@ -132,6 +134,7 @@ def _render_settings(args: argparse.Namespace) -> RenderConfig:
         batch_size=args.batch_size,
         save_intermediate=not args.no_intermediate,
         contact_sheet=not args.no_sheet,
+        precision=args.precision,
     )
 
 
@@ -246,6 +249,11 @@ def _render_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-intermediate", action="store_true", help="no mp4 for the earlier stages")
     p.add_argument("--no-sheet", action="store_true", help="no contact sheet")
+    p.add_argument(
+        "--precision",
+        default=RenderConfig.precision,
+        help=f"dtype of the stage models: {' or '.join(CHOICES['render.precision'])} (outputs stay float32)",
+    )
     p.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process Ray)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -281,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-fraction", type=float, default=0.25)
     p.add_argument(
         "--position-jitter", type=float, default=1.0, help="0 = shapes on the centre line, 1 = anywhere"
+    )
+    p.add_argument(
+        "--shape-size", type=float, default=1 / 3, help="side of a shape's box as a share of the frame's"
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_synth)

@@ -241,6 +241,7 @@ class Job:
             s.seed,
             s.image_fraction,
             s.position_jitter,
+            s.shape_size,
             progress=self.progress,
         )
         return f"{summary.videos} videos and {summary.images} images"

@@ -4,6 +4,10 @@ The training loop calls `TrainMetrics.step` once per optimizer step on every ran
 anything, so the other ranks can make the same calls for free. Steps are numbered from 0: a run does
 steps `start_step .. total_steps - 1`, and `start_step` is also how many steps a resumed run already has.
 
+A step's loss, gradient norm and per-sample losses may be passed as tensors still on the device: they
+are kept as they are and read (one transfer for the whole window) only when a line is written, so
+`step` never waits for the device in between. The progress bar's loss therefore moves at each line.
+
 Every `log_every` steps (counting `step + 1`), on every skipped step and on the last step, one line
 goes to `out_dir/metrics.jsonl` and the same values go to TensorBoard (`out_dir/tensorboard`):
 
@@ -33,8 +37,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -59,11 +65,25 @@ _TAGS = {
 }
 
 
+Value = float | Tensor
+"""A per-step number as the training loop has it: a float, or a tensor (possibly still on the device)."""
+
+
+@dataclass
+class _Pending:
+    """A non-skipped step's values as `step` got them, read when the window's line is written."""
+
+    loss: Value
+    grad_norm: Value | None
+    timestep_losses: list[tuple[float, float]] | tuple[Tensor, Tensor] | None
+
+
 @dataclass
 class _Window:
-    """Sums over the steps since the last JSONL line."""
+    """Sums over the steps since the last JSONL line (the per-step values join them when it is written)."""
 
     buckets: int
+    pending: list[_Pending] = field(default_factory=list)
     loss_sum: float = 0.0
     loss_n: int = 0
     grad_sum: float = 0.0
@@ -91,6 +111,31 @@ def _ema(prev: float | None, x: float) -> float:
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+def read_values(values: list[Value]) -> list[list[float]]:
+    """Each value as a flat list of Python floats (a float as a list of one). Tensors on a device come to
+    the host in one transfer per device, so reading a whole window waits for the device once.
+
+    Values are exact: float32 and bfloat16 widen to float64 without rounding, so the floats equal those
+    `Tensor.item()` / `tolist()` would give one by one."""
+    out: list[list[float]] = [[] for _ in values]
+    on_device: dict[torch.device, list[int]] = {}
+    for i, value in enumerate(values):
+        if not isinstance(value, Tensor):
+            out[i] = [float(value)]
+        elif value.device.type == "cpu":
+            out[i] = value.detach().reshape(-1).double().tolist()
+        else:
+            on_device.setdefault(value.device, []).append(i)
+    for indices in on_device.values():
+        flat = torch.cat([values[i].detach().reshape(-1).double() for i in indices]).tolist()
+        start = 0
+        for i in indices:
+            count = values[i].numel()
+            out[i] = flat[start : start + count]
+            start += count
+    return out
 
 
 def _memory_gib() -> float:
@@ -173,20 +218,23 @@ class TrainMetrics:
         self,
         step: int,
         *,
-        loss: float,
+        loss: Value,
         samples: int,
         tokens: int,
         lr: float,
-        grad_norm: float | None,
+        grad_norm: Value | None,
         skipped: bool,
-        timestep_losses: list[tuple[float, float]] | None = None,
+        timestep_losses: list[tuple[float, float]] | tuple[Tensor, Tensor] | None = None,
         data_wait_s: float = 0.0,
     ) -> None:
         """Record optimizer step `step` (0-based); `samples`/`tokens` are global counts for this step.
 
         `skipped` marks a step whose loss or gradients were not finite and that left the optimizer
         untouched: it counts in `skipped_total` but not in the loss, grad-norm or bucket means.
-        `timestep_losses` holds (t, per-sample loss) pairs with t in [0, 1].
+        `loss` is the step's loss, or a tensor of its micro-batch losses (their mean, taken in float64
+        like `np.mean`, is the step's loss). `timestep_losses` holds (t, per-sample loss) pairs with t in
+        [0, 1], or two equal-length 1-D tensors (times, per-sample losses). Tensors may stay on the
+        device: they are read when the window's line is written (see the module docstring).
         """
         if self._closed:
             return
@@ -207,20 +255,14 @@ class TrainMetrics:
         if skipped:
             self._skipped_total += 1
         else:
-            w.loss_sum += float(loss)
-            w.loss_n += 1
-            self._smooth["loss"] = _ema(self._smooth["loss"], float(loss))
-            if grad_norm is not None:
-                w.grad_sum += float(grad_norm)
-                w.grad_n += 1
-            for t, sample_loss in timestep_losses or ():
-                i = min(max(int(t * w.buckets), 0), w.buckets - 1)
-                w.bucket_sum[i] += float(sample_loss)
-                w.bucket_n[i] += 1
+            w.pending.append(_Pending(loss, grad_norm, timestep_losses))
 
-        self._update_bar()
+        line = None
         if skipped or (step + 1) % self._log_every == 0 or step + 1 >= self._total_steps:
-            self._emit(step, self._window_line(step, lr))
+            line = self._window_line(step, lr)  # reads the window's tensors: the only wait for the device
+        self._update_bar()
+        if line is not None:
+            self._emit(step, line)
             self._window = _Window(w.buckets)
 
     def log(self, step: int, **scalars: float) -> None:
@@ -231,7 +273,38 @@ class TrainMetrics:
 
     # ---- sinks ----------------------------------------------------------------------------------
 
+    def _read_pending(self) -> None:
+        """Fold the window's per-step values into its sums (and the bar's smoothed loss), in step order,
+        after reading them from the device in one go."""
+        w = self._window
+        values: list[Value] = []
+        for p in w.pending:
+            values.append(p.loss)
+            if p.grad_norm is not None:
+                values.append(p.grad_norm)
+            if isinstance(p.timestep_losses, tuple):
+                values.extend(p.timestep_losses)
+        host = iter(read_values(values))
+        for p in w.pending:
+            loss = float(np.mean(next(host)))
+            w.loss_sum += loss
+            w.loss_n += 1
+            self._smooth["loss"] = _ema(self._smooth["loss"], loss)
+            if p.grad_norm is not None:
+                (grad_norm,) = next(host)
+                w.grad_sum += grad_norm
+                w.grad_n += 1
+            pairs = p.timestep_losses
+            if isinstance(pairs, tuple):
+                pairs = list(zip(next(host), next(host), strict=True))
+            for t, sample_loss in pairs or ():
+                i = min(max(int(t * w.buckets), 0), w.buckets - 1)
+                w.bucket_sum[i] += float(sample_loss)
+                w.bucket_n[i] += 1
+        w.pending = []
+
     def _window_line(self, step: int, lr: float) -> dict[str, Any]:
+        self._read_pending()
         w = self._window
         line: dict[str, Any] = {
             "step": step,

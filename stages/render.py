@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from configs import CascadeConfig, RenderConfig, fingerprint, validate_cascade
+from configs.validate import validate_render
 from stages.media_out import contact_sheet
 from stages.render_output import (
     SIDECAR,
@@ -376,6 +377,7 @@ class _Writer:
             "prompt": job.prompt,
             "index": job.index,
             "seed": self.settings.seed,
+            "precision": self.settings.precision,
             **self.header,
             "output": output.name,
             "sheet": sheet,
@@ -464,6 +466,7 @@ def _run(
             **header,
             "seed": settings.seed,
             "batch_size": settings.batch_size,
+            "precision": settings.precision,
             "prompts": summary.prompts,
             "stages": summary.stages,
             "seconds": summary.seconds,
@@ -494,10 +497,9 @@ def render(
     """
     prompts = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
     validate_cascade(cascade)
+    validate_render(settings)
     check_prompts(prompts)
-    if settings.batch_size < 1:
-        raise ValueError(f"render.batch_size: got {settings.batch_size}, expected >= 1")
-    specs = prepare_stages(cascade, settings.seed)
+    specs = prepare_stages(cascade, settings.seed, precision=settings.precision)
     check_prompt_lengths(
         specs, [p.text for p in prompts], [prompt_label(i, p) for i, p in enumerate(prompts)]
     )
@@ -544,10 +546,12 @@ def upscale(
     learnt the no-text case only through text dropout.
     """
     validate_cascade(cascade)
+    validate_render(settings)
     first = stage_index(cascade, from_stage)
     if not isinstance(prompt, str):
         raise ValueError(f"--prompt: expected a string, got {type(prompt).__name__}")
-    specs = prepare_stages(cascade, settings.seed, first, guidance_scale=None if prompt.strip() else 1.0)
+    guidance = None if prompt.strip() else 1.0
+    specs = prepare_stages(cascade, settings.seed, first, guidance, settings.precision)
     if prompt:
         check_prompt_lengths(specs, [prompt], ["--prompt"])
     prev = cascade.stages[first - 1]

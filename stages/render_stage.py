@@ -42,6 +42,8 @@ from stages.sampling import generate
 EXPORTED = "exported"
 WEIGHTS = "ema.safetensors"
 TEXT_WEIGHTS = "ema_text.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""`render.precision` → the dtype a stage's model samples in."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class StageSpec:
     """The checkpoint's diffusion config with the stage's sampler, steps and guidance applied."""
     seed: int
     """Render seed."""
+    precision: str = "fp32"
+    """Dtype of the stage model while sampling (`render.precision`: fp32 or bf16)."""
 
     @property
     def name(self) -> str:
@@ -90,6 +94,8 @@ class StageSpec:
             "steps": d.steps,
             "guidance": {"scale": d.guidance_scale, "schedule": d.guidance_schedule, "low": d.guidance_low},
             "cond_aug_level": s.cond_aug_level if s.kind != "base" else None,
+            # only when not fp32: fp32 outputs keep the fingerprints they had before the option existed
+            **({"precision": self.precision} if self.precision != "fp32" else {}),
         }
 
 
@@ -109,13 +115,21 @@ def _read_checkpoint_config(step: Path, where: str) -> RunConfig:
 
 
 def prepare_stage(
-    cascade: CascadeConfig, index: int, seed: int, guidance_scale: float | None = None
+    cascade: CascadeConfig,
+    index: int,
+    seed: int,
+    guidance_scale: float | None = None,
+    precision: str = "fp32",
 ) -> StageSpec:
     """Resolve stage `index`'s checkpoint and check it fits the stage (kind, factor, patch, files).
 
     FileNotFoundError or ValueError naming the stage, the checkpoint and the mismatch. `guidance_scale`
-    (e.g. 1 for an unprompted upscale) replaces the stage's guidance with a constant weight.
+    (e.g. 1 for an unprompted upscale) replaces the stage's guidance with a constant weight; `precision`
+    (`render.precision`) is the dtype the stage's model will sample in.
     """
+    if precision not in DTYPES:
+        expected = ", ".join(DTYPES)
+        raise ValueError(f"render.precision: unknown value '{precision}'; expected one of {expected}")
     stage = cascade.stages[index]
     where = f"stage '{stage.name}'"
     if not stage.checkpoint:
@@ -144,14 +158,28 @@ def prepare_stage(
     if guidance_scale is not None:
         overrides.update(guidance_scale=float(guidance_scale), guidance_schedule="constant")
     diffusion = dataclasses.replace(run.diffusion, **overrides)
-    return StageSpec(index=index, stage=stage, checkpoint=str(step), run=run, diffusion=diffusion, seed=seed)
+    return StageSpec(
+        index=index,
+        stage=stage,
+        checkpoint=str(step),
+        run=run,
+        diffusion=diffusion,
+        seed=seed,
+        precision=precision,
+    )
 
 
 def prepare_stages(
-    cascade: CascadeConfig, seed: int, first: int = 0, guidance_scale: float | None = None
+    cascade: CascadeConfig,
+    seed: int,
+    first: int = 0,
+    guidance_scale: float | None = None,
+    precision: str = "fp32",
 ) -> list[StageSpec]:
     """`prepare_stage` for stages `first`..last, in order: the first failing stage raises."""
-    return [prepare_stage(cascade, k, seed, guidance_scale) for k in range(first, len(cascade.stages))]
+    return [
+        prepare_stage(cascade, k, seed, guidance_scale, precision) for k in range(first, len(cascade.stages))
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,7 +240,11 @@ def load_text_encoder(spec: StageSpec) -> nn.Module:
 
 class StageRunner:
     """A loaded stage: `run(batch)` samples one output video per item. Used in-process (`--local`) and
-    as the body of a Ray actor (`pipeline.ray_render`)."""
+    as the body of a Ray actor (`pipeline.ray_render`).
+
+    The model is cast to `spec.precision`; the text encoder stays float32 (it runs once per batch, not
+    per sampler step, and `generate` casts its tokens to the model's dtype, leaving the masks alone).
+    """
 
     def __init__(self, spec: StageSpec, device: str | None = None) -> None:
         self.spec = spec
@@ -223,7 +255,7 @@ class StageRunner:
                 f"stage '{spec.name}': {spec.checkpoint}/{EXPORTED}/config.yaml is a {model.config.kind} "
                 f"model, the stage is kind {spec.stage.kind}"
             )
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device, DTYPES[spec.precision]).eval()
         self.text = load_text_encoder(spec).to(self.device).eval()
 
     def run(self, batch: list[StageItem]) -> list[Tensor]:
@@ -258,9 +290,12 @@ class StageRunner:
 
     def condition(self, videos: list[Tensor]) -> Tensor:
         """The SR conditioning: the previous outputs upsampled to the stage shape exactly as in training
-        (`generate` noises it to the stage's augmentation level per prompt): (B, C, T, H, W)."""
+        (`generate` noises it to the stage's augmentation level per prompt): float32 (B, C, T, H, W) on
+        the model's device. The small input moves there and is upsampled there, so the upsampled video
+        is never built on the host (its augmentation noise still comes from each prompt's CPU generator)."""
         s = self.spec.stage
-        return upsample_video(torch.stack([v.float().cpu() for v in videos]), s.frames, s.height, s.width)
+        low = torch.stack([v.float() for v in videos]).to(self.device)  # (B, C, t, h, w)
+        return upsample_video(low, s.frames, s.height, s.width)
 
 
 def timed_run(runner: StageRunner, batch: list[StageItem]) -> tuple[list[Tensor], float]:

@@ -100,9 +100,10 @@ def generate(
     resolution shift of the noise schedule come from `diffusion`; `steps` and `guidance_scale` override
     the configured values. `fps` is the frame-rate conditioning (0 marks still images, as in training).
     Super-resolution models take `cond`, the previous stage's output brought to this stage's shape by
-    `models.superres.upsample_video` (B, C, T, H, W): it is noised to `cond_aug` (default
-    `diffusion.cond_aug_level`) with each prompt's generator, the model denoises the residual over it
-    (as in training, `stages.train.sr_pair`), and the result is residual + cond.
+    `models.superres.upsample_video` (B, C, T, H, W), best already on the model's device: it is noised
+    there (float32) to `cond_aug` (default `diffusion.cond_aug_level`) with each prompt's generator, the
+    model denoises the residual over it (as in training, `stages.train.sr_pair`), and the result is
+    residual + cond.
     `item_keys` names each prompt's random stream, `item_generator(seed, *key)` (default: the prompt's
     position, `(i,)`); a cascade passes (prompt index, stage index) so each prompt's noise is the same
     whichever batch it is sampled in.
@@ -144,7 +145,7 @@ def generate(
         text_encoder.eval()
         with torch.no_grad():
             level = diffusion.cond_aug_level if cond_aug is None else cond_aug
-            noisy_cond = None if cond is None else _augment(cond.float().cpu(), level, schedule, generators)
+            noisy_cond = None if cond is None else _augment(cond.float(), level, schedule, generators)
             kwargs = _model_kwargs(text_encoder, prompts, fps, noisy_cond, level, param)
             noise = torch.cat([gaussian_like(torch.empty(shape), g) for g in generators])  # (B, C, T, H, W)
             video = _denoise(model, noise.to(param.device), samplers, generators, weights, kwargs, progress)

@@ -2,13 +2,14 @@
 
 Every video shows one shape (circle, square, triangle) in one colour (red, green, blue, yellow) travelling
 left, right, up or down, captioned `a {color} {shape} moving {direction}`; every still image shows one
-shape at a random position, captioned `a {color} {shape}`. The shape covers about a third of the frame
-and crosses most of it over the clip, so colour, shape and motion stay learnable at 32×32;
-`position_jitter` < 1 keeps the other coordinate (and a still's position) near the frame's centre. Shapes are
-exact numpy pixel masks (no anti-aliasing) so tests can check colours, and the whole dataset, bytes
-included, is a function of the seed: attributes come from one `numpy.random.default_rng(seed)` and the
-H.264 encoder (`stages.media_out.write_mp4`) runs single-threaded with a fixed preset, without
-macroblock-tree rate control and with no timestamps or version strings in the container.
+shape at a random position, captioned `a {color} {shape}`. The shape's box is `shape_size` of the frame's
+side (a third by default) and crosses most of the frame over the clip, so colour, shape and motion stay
+learnable at 32×32; `position_jitter` < 1 keeps the other coordinate (and a still's position) near the
+frame's centre. Shapes are exact numpy pixel masks (no anti-aliasing) so tests can check colours, and
+the whole dataset, bytes included, is a function of the seed: attributes come from one
+`numpy.random.default_rng(seed)` and the H.264 encoder (`stages.media_out.write_mp4`) runs single-threaded
+with a fixed preset, without macroblock-tree rate control and with no timestamps or version strings in
+the container.
 """
 
 from __future__ import annotations
@@ -107,9 +108,16 @@ def render_frame(size: int, color: str, mask: np.ndarray, x: int, y: int) -> np.
     return frame
 
 
-def shape_side(size: int) -> int:
-    """Side of the shape's box: about a third of the frame."""
-    return max(4, round(size / 3))
+SHAPE_SIZE = 1 / 3
+"""Default side of a shape's box as a share of the frame's side."""
+
+MAX_SHAPE_SIZE = 0.75
+"""Largest `shape_size`: a bigger box leaves the shape too little room to move."""
+
+
+def shape_side(size: int, shape_size: float = SHAPE_SIZE) -> int:
+    """Side of the shape's box in pixels: `shape_size` of the frame's side, at least 4."""
+    return max(4, round(size * shape_size))
 
 
 def _inside(size: int, side: int) -> tuple[int, int]:
@@ -152,13 +160,18 @@ def position_range(size: int, side: int, jitter: float) -> tuple[int, int]:
 
 
 def plan_items(
-    count: int, size: int, seed: int, image_fraction: float = 0.25, position_jitter: float = 1.0
+    count: int,
+    size: int,
+    seed: int,
+    image_fraction: float = 0.25,
+    position_jitter: float = 1.0,
+    shape_size: float = SHAPE_SIZE,
 ) -> list[dict[str, object]]:
     """The dataset's items (videos then images) as manifest entries; deterministic per seed."""
     rng = np.random.default_rng(seed)
     n_images = round(count * image_fraction)
     n_videos = count - n_images
-    side = shape_side(size)
+    side = shape_side(size, shape_size)
     lo, hi = position_range(size, side, position_jitter)
 
     items: list[dict[str, object]] = []
@@ -248,6 +261,7 @@ def validate_args(
     seed: int,
     image_fraction: float,
     position_jitter: float,
+    shape_size: float = SHAPE_SIZE,
 ) -> None:
     """Raise ValueError naming the first bad argument and what was expected."""
     _check_int("count", count, 1)
@@ -266,6 +280,10 @@ def validate_args(
         raise ValueError(f"position_jitter must be a number in [0, 1], got {position_jitter!r}")
     if not 0.0 <= position_jitter <= 1.0:
         raise ValueError(f"position_jitter must be in [0, 1], got {position_jitter!r}")
+    if isinstance(shape_size, bool) or not isinstance(shape_size, (int, float)):
+        raise ValueError(f"shape_size must be a number in (0, {MAX_SHAPE_SIZE}], got {shape_size!r}")
+    if not 0.0 < shape_size <= MAX_SHAPE_SIZE:
+        raise ValueError(f"shape_size must be in (0, {MAX_SHAPE_SIZE}], got {shape_size!r}")
 
 
 def _remove_stale(out: Path, keep: set[str]) -> None:
@@ -292,6 +310,7 @@ def run_synth(
     seed: int = 0,
     image_fraction: float = 0.25,
     position_jitter: float = 1.0,
+    shape_size: float = SHAPE_SIZE,
     progress: bool = True,
 ) -> SynthSummary:
     """Write `count` captioned items into `out`: round(count·image_fraction) PNG images, the rest mp4 videos.
@@ -301,13 +320,13 @@ def run_synth(
     once the video count reaches 48 (count ≥ 64 at the default image fraction). Rerunning into the same
     folder overwrites the files and removes those a previous run listed that this one does not write.
     """
-    validate_args(count, frames, size, fps, seed, image_fraction, position_jitter)
+    validate_args(count, frames, size, fps, seed, image_fraction, position_jitter, shape_size)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out must be a directory, but {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
 
-    items = plan_items(count, size, seed, image_fraction, position_jitter)
+    items = plan_items(count, size, seed, image_fraction, position_jitter, shape_size)
     _remove_stale(out, {str(item["file"]) for item in items})
 
     files: list[Path] = []
@@ -330,6 +349,7 @@ def run_synth(
         "seed": seed,
         "image_fraction": image_fraction,
         "position_jitter": position_jitter,
+        "shape_size": shape_size,
         "codec": "libx264",
         "crf": CRF,
         "preset": PRESET,

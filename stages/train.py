@@ -5,7 +5,7 @@ Per process: build the model from the run config, wrap it with `deepspeed.initia
 `stages/parallelize.py`), stream this rank's shards, and run optimizer steps of v-prediction loss with
 classifier-free-guidance text dropout, an fp32 EMA of the weights, committed checkpoints with exact
 resume (`stages/checkpoint.py`), a non-finite-loss guard, SIGTERM → checkpoint → exit, and metrics
-(`stages/metrics.py`).
+(`stages/metrics.py`); per-step values stay on the device between log lines (`stages/train_sync.py`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from models.superres import degrade, reduce_video
 from models.text import ByteTextEncoder, T5TextEncoder
 from stages import checkpoint
 from stages.parallelize import deepspeed_config, lr_factor, parallelize_model
+from stages.train_sync import StepRecord, grad_norm_bad, nonfinite, read_means, settled_at_once
 
 # --------------------------------------------------------------------------------------------------
 # The module DeepSpeed wraps: the DiT plus the jointly trained byte text encoder (a frozen T5 stays
@@ -48,7 +49,7 @@ class DiffusionTrainer(nn.Module):
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__()
-        self.dit = parallelize_model(VideoDiT(cfg.model), cfg.parallel)
+        self.dit = parallelize_model(VideoDiT(cfg.model), cfg.parallel, compile_blocks=cfg.train.compile)
         t = cfg.text
         self.text = (
             ByteTextEncoder(dim=t.width, depth=t.depth, heads=t.heads, max_length=t.max_length)
@@ -327,13 +328,6 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row."""
 
 
-def _all_finite(value: Tensor) -> bool:
-    flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=value.device)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
-
-
 def _draw(batch: dict[str, Any], gen: torch.Generator, dropout: float) -> tuple[Tensor, Tensor, Tensor]:
     """(t, noise, drop_text) for a batch: per item for videos, per frame for packed images."""
     x = batch["x"]
@@ -448,6 +442,7 @@ def train(
         out, rank=rank, total_steps=t.steps, start_step=step, log_every=t.log_every, progress=progress
     )
     result = TrainResult(step=step, checkpoint=last)
+    losses_log: list[float | Tensor] = []  # result.losses; a step's tensor is read at the next log line
     config_yaml = dump_config(cfg)
     in_a_row = 0
 
@@ -457,7 +452,7 @@ def train(
 
     def save(at: int) -> Path:
         finite = all(bool(torch.isfinite(_local(p)).all()) for p in trainable)
-        if not _all_finite(torch.tensor(0.0 if finite else float("nan"))):
+        if nonfinite([torch.tensor(0.0 if finite else float("nan"))])[0]:
             raise NonFiniteError(f"step {at}: the weights are not finite; not saving a checkpoint")
         states = {"model": full_state(engine.module, zero3), "ema": ema_state()}
         rank_state = {"rng": rng_state(gen), "loader": loader.state_dict(), "ema": ema.state()}
@@ -478,16 +473,50 @@ def train(
             exports=lambda d: export_weights(d, cfg, states),
         )
 
+    def finish(done: StepRecord, grad_bad: bool) -> None:
+        """Settle a step: skip accounting (and the max_bad_steps stop), or the EMA update; then metrics.
+        The weights are still the step's own here, also when this runs during the next step's forward."""
+        nonlocal in_a_row
+        bad = done.bad or grad_bad  # grad_bad: DeepSpeed skipped (fp16 overflow) or the gradient blew up
+        if bad:
+            result.skipped += 1
+            in_a_row += 1
+            losses_log.append(float("nan"))
+            if in_a_row >= t.max_bad_steps:
+                raise NonFiniteError(
+                    f"{in_a_row} non-finite steps in a row (train.max_bad_steps = {t.max_bad_steps}); "
+                    f"stopping without saving; last committed checkpoint: {result.checkpoint}"
+                )
+        else:
+            in_a_row = 0
+            ema.update()
+            losses_log.append(torch.stack(done.losses))
+        metrics.step(
+            done.step - 1,  # the metrics log counts steps from 0
+            loss=losses_log[-1],
+            samples=done.samples,
+            tokens=done.tokens,
+            lr=done.lr,
+            grad_norm=done.grad_norm,
+            skipped=bad,
+            timestep_losses=done.timestep_losses(),
+            data_wait_s=done.wait,
+        )
+        if bad or done.step % t.log_every == 0 or done.step >= t.steps:
+            read_means(losses_log)  # the log boundary: this process's losses come to the host too
+
+    # One wait for the device per step (per micro-batch with accumulation): the loss check, which also
+    # settles the previous step's gradient norm; see stages/train_sync.py.
     batches = iter(loader)
     preview_clips = None  # super-resolution previews upsample the run's first batch
+    pending: StepRecord | None = None  # the previous step, while its gradient-norm verdict is on the device
     try:
         while step < t.steps and not stop["signal"]:
-            losses, pairs, wait, bad = [], [], 0.0, False
-            samples = tokens = 0
+            current = StepRecord()
             for _ in range(cfg.parallel.grad_accum):
                 tick = time.perf_counter()
                 batch = fit_batch(next(batches), cfg, gen)
-                wait += time.perf_counter() - tick
+                current.wait += time.perf_counter() - tick
                 if preview_clips is None:
                     preview_clips = batch
                 tt, noise, drop = _draw(batch, gen, t.text_dropout)
@@ -513,51 +542,41 @@ def train(
                 loss = per_sample.mean()
                 if fault is not None and fault(step):
                     loss = loss * float("nan")
-                if bad or not _all_finite(loss):
-                    bad = True
+                if not current.bad:
+                    checks = [loss] if pending is None else [loss, pending.grad_norm]
+                    verdicts = nonfinite(checks)  # the step's wait for the device
+                    if pending is not None:
+                        finish(pending, grad_bad=verdicts[1])
+                        pending = None
+                    current.bad = verdicts[0]
+                if current.bad:
                     if cfg.parallel.grad_accum == 1:
                         continue  # nothing accumulated: skip backward and the optimizer entirely
                     loss = sum((p * 0).sum() for p in trainable)  # exact zero gradient keeps DS in step
                 engine.backward(loss)
                 engine.step()
-                losses.append(loss.item())
-                pairs += list(zip(tt.reshape(len(per_sample), -1).mean(1).tolist(), per_sample.tolist()))
-                samples += batch["x"].shape[0] * world
-                tokens += info["tokens_per_sample"] * batch["x"].shape[0] * world
+                current.losses.append(loss.detach())
+                current.times.append(tt.reshape(len(per_sample), -1).mean(1))
+                current.sample_losses.append(per_sample.detach())
+                current.samples += batch["x"].shape[0] * world
+                current.tokens += info["tokens_per_sample"] * batch["x"].shape[0] * world
             step += 1
+            current.step, current.lr = step, scheduler.get_last_lr()[0]
             grad_norm = engine.get_global_grad_norm()
-            if not bad and grad_norm is not None and not math.isfinite(float(grad_norm)):
-                bad = True  # DeepSpeed skipped (fp16 overflow) or the gradient blew up
-            if bad:
-                result.skipped += 1
-                in_a_row += 1
-                result.losses.append(float("nan"))
-                if in_a_row >= t.max_bad_steps:
-                    raise NonFiniteError(
-                        f"{in_a_row} non-finite steps in a row (train.max_bad_steps = {t.max_bad_steps}); "
-                        f"stopping without saving; last committed checkpoint: {result.checkpoint}"
-                    )
+            current.grad_norm = grad_norm.detach().clone() if isinstance(grad_norm, Tensor) else grad_norm
+            if isinstance(current.grad_norm, Tensor) and not current.bad and not settled_at_once(step, t):
+                pending = current  # settled on the next step's sync, before its backward
             else:
-                in_a_row = 0
-                ema.update()
-                result.losses.append(float(np.mean(losses)))
-            metrics.step(
-                step - 1,  # the metrics log counts steps from 0
-                loss=result.losses[-1],
-                samples=samples,
-                tokens=tokens,
-                lr=scheduler.get_last_lr()[0],
-                grad_norm=None if grad_norm is None else float(grad_norm),
-                skipped=bad,
-                timestep_losses=pairs,
-                data_wait_s=wait,
-            )
+                finish(current, grad_bad=not current.bad and grad_norm_bad(current.grad_norm))
             if t.preview_every and step % t.preview_every == 0:
                 state = ema_state()  # collective under ZeRO-3
                 if rank == 0:
                     write_previews(state, cfg, step, frozen_text, device, preview_clips)
             if step % t.checkpoint_every == 0 or step == t.steps:
                 result.checkpoint = save(step)
+        if pending is not None:  # SIGTERM stopped the loop before the next step's sync
+            finish(pending, grad_bad=grad_norm_bad(pending.grad_norm))
+            pending = None
         if stop["signal"]:
             if result.checkpoint is None or result.checkpoint.name != checkpoint.step_dir(out, step).name:
                 result.checkpoint = save(step)
@@ -566,6 +585,8 @@ def train(
         metrics.close()
         if on_main:
             signal.signal(signal.SIGTERM, previous)
+    read_means(losses_log)
+    result.losses = [float(loss) for loss in losses_log]  # all floats already: no device read here
     result.step = step
     return result
 

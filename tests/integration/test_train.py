@@ -267,6 +267,70 @@ def test_non_finite_steps_in_a_row_abort_without_a_checkpoint(shards, tmp_path):
     assert all(torch.isfinite(v).all() for v in _weights(saved[0], "model").values())
 
 
+def test_steps_settled_on_the_next_sync_match_steps_settled_at_once(shards, tmp_path, monkeypatch):
+    """Under ZeRO-2 DeepSpeed reports the gradient norm as a device tensor, so a step between log lines
+    is settled (skip or EMA update, metrics) on the next step's loss check instead of by its own read
+    (stages/train_sync.py). Logging every 4 steps must then give exactly what logging every step (every
+    step settled at once) gives: losses, skips, model and EMA weights and log values, also for a step
+    whose gradient norm comes back infinite (injected at step 3; DeepSpeed applied that step)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    import stages.train as train_module
+
+    real_norm, real_nonfinite = DeepSpeedEngine.get_global_grad_norm, train_module.nonfinite
+
+    def blown_up(engine):
+        norm = real_norm(engine)
+        assert isinstance(norm, torch.Tensor), "expected a device-tensor norm (the deferred path)"
+        return torch.full_like(norm, float("inf")) if engine.global_steps == 3 else norm
+
+    checks: list[int] = []
+
+    def counted(values):
+        checks.append(len(values))
+        return real_nonfinite(values)
+
+    monkeypatch.setattr(DeepSpeedEngine, "get_global_grad_norm", blown_up)
+    monkeypatch.setattr(train_module, "nonfinite", counted)
+    common = ("parallel.zero_stage=2", "train.steps=8", "train.checkpoint_every=100", "train.warmup_steps=10")
+    runs = {}
+    for every in (1, 4):
+        checks.clear()
+        out = tmp_path / f"every{every}"
+        result = train(_cfg(shards, out, *common, f"train.log_every={every}"), progress=False)
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[every] = result, out, lines, list(checks)
+    (at_once, out1, lines1, checks1), (deferred, out4, lines4, checks4) = runs[1], runs[4]
+    assert checks1 == [1] * 9  # 8 loss checks and the checkpoint's weight check
+    assert checks4 == [1, 2, 2, 2, 1, 2, 2, 2, 1]  # steps 4 and 8 are log lines: settled at once
+
+    assert at_once.skipped == deferred.skipped == 1 and np.isnan(deferred.losses[2])
+    assert np.array_equal(at_once.losses, deferred.losses, equal_nan=True)
+    final1, final4 = checkpoint.step_dir(out1, 8), checkpoint.step_dir(out4, 8)
+    for name in ("model", "ema", "model_text", "ema_text"):
+        assert _same_weights(_weights(final1, name), _weights(final4, name)), name
+
+    per_step = {line["step"]: line for line in lines1}
+    assert [line["step"] for line in lines4] == [2, 3, 7]  # the skipped step, then every 4th
+
+    def mean(key: str, steps: range) -> float:
+        values = [per_step[s][key] for s in steps if s != 2]
+        return sum(values) / len(values)
+
+    skipped, single, last = lines4
+    assert skipped["skipped_total"] == 1 and per_step[2]["skipped_total"] == 1
+    assert (skipped["loss"], skipped["grad_norm"]) == (
+        mean("loss", range(0, 2)),
+        mean("grad_norm", range(0, 2)),
+    )
+    timing = {"time", "memory", "steps_per_s", "samples_per_s", "tokens_per_s", "data_wait_frac"}
+    assert {k: v for k, v in single.items() if k not in timing} == {
+        k: v for k, v in per_step[3].items() if k not in timing
+    }
+    assert (last["loss"], last["grad_norm"]) == (mean("loss", range(4, 8)), mean("grad_norm", range(4, 8)))
+    assert last["lr"] == per_step[7]["lr"] and last["skipped_total"] == 1
+
+
 def test_sigterm_checkpoints_and_exits_zero(shards, tmp_path):
     out = tmp_path / "run"
     args = _overrides(shards, out, "train.steps=100000", "train.checkpoint_every=100000")

@@ -53,6 +53,16 @@ def test_run_names_a_bad_pipeline_key(tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "expected"), [("shape_size", 0.9, "(0, 0.75]"), ("position_jitter", -0.5, "[0, 1]")]
+)
+def test_run_names_a_bad_synth_value(tmp_path, capsys, key, value, expected):
+    config = tmp_path / "p.yaml"
+    config.write_text(f"synth: {{{key}: {value}}}\n")
+    assert main(["run", str(config)]) == 2
+    assert f"synth.{key}: got {value}, expected a value in {expected}" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def cascade_file(tmp_path_factory) -> Path:
     return build_cascade(tmp_path_factory.mktemp("cascade"), VIDEO_STAGES)
@@ -101,6 +111,8 @@ def test_render_command_errors(cascade_file, tmp_path, capsys):
     assert "config error" in capsys.readouterr().err
     assert main([*base, "--prompt", "x", "stages.9.steps=2"]) == 2
     assert "no stage '9'" in capsys.readouterr().err
+    assert main([*base, "--prompt", "x", "--precision", "fp16"]) == 2
+    assert "render.precision: unknown value 'fp16'; expected one of fp32, bf16" in capsys.readouterr().err
     assert (
         main(["upscale", "clip.mp4", "--cascade", str(cascade_file), "--from-stage", "base", "--out", "o"])
         == 2

@@ -68,6 +68,41 @@ def test_lines_on_cadence_skips_and_last_step_with_window_means(tmp_path):
         assert {"steps_per_s", "samples_per_s", "tokens_per_s", "data_wait_frac"} <= ln.keys()
 
 
+def test_tensor_values_are_read_at_the_line_and_give_the_float_values(monkeypatch, tmp_path):
+    """The loop passes each step's micro-batch losses, gradient norm and per-sample losses as tensors
+    (on a GPU: still on the device). They give exactly the lines floats give, and are read only when a
+    line is written: a tensor filled in after its `step` call but before the line shows its new values."""
+    import numpy as np
+    import torch
+
+    steps = [  # (micro-batch losses, grad norm, times, per-sample losses, skipped)
+        ([0.3, 0.7], 0.25, [0.1, 0.6, 0.9], [1.0, 2.0, 3.0], False),
+        ([1.5, 0.2], 0.5, [0.3, 0.35, 1.0], [4.0, 5.5, 6.0], False),
+        ([math.nan, 1.0], math.inf, [0.2, 0.4, 0.8], [7.0, 8.0, 9.0], True),
+        ([2.0, 3.1], 0.75, [0.05, 0.5, 0.7], [0.1, 0.2, 0.3], False),
+    ]
+    logs = {}
+    for kind in ("float", "tensor"):
+        out = tmp_path / kind
+        _fake_clock(monkeypatch, [10.0, 11.0, 13.0, 14.0])
+        with TrainMetrics(out, rank=0, total_steps=4, log_every=2, tensorboard=False, progress=False) as m:
+            for s, (micro, grad, times, sample_losses, skipped) in enumerate(steps):
+                if kind == "float":
+                    loss, norm, pairs = float(np.mean(micro)), grad, list(zip(times, sample_losses))
+                else:
+                    f64 = {"dtype": torch.float64}
+                    loss = torch.zeros(2, **f64) if s == 0 else torch.tensor(micro, **f64)
+                    norm = torch.tensor(grad, **f64)
+                    pairs = (torch.tensor(times, **f64), torch.tensor(sample_losses, **f64))
+                _step(m, s, loss, grad_norm=norm, skipped=skipped, timestep_losses=pairs)
+                if kind == "tensor" and s == 0:
+                    loss.copy_(torch.tensor(micro, **f64))  # before step 1 writes the line
+        logs[kind] = [{k: v for k, v in ln.items() if k not in ("time", "memory")} for ln in _lines(out)]
+    assert [ln["step"] for ln in logs["float"]] == [1, 2, 3]
+    assert logs["float"][0]["loss"] == (float(np.mean([0.3, 0.7])) + float(np.mean([1.5, 0.2]))) / 2
+    assert logs["tensor"] == logs["float"]
+
+
 def test_rates_are_global_wall_clock_over_the_window(monkeypatch, tmp_path):
     _fake_clock(monkeypatch, [10.0, 11.0, 13.0, 14.0])
     with TrainMetrics(tmp_path, rank=0, total_steps=4, log_every=3, tensorboard=False, progress=False) as m:

@@ -293,6 +293,22 @@ def test_position_jitter_narrows_the_spread_around_the_centre(tmp_path):
     assert spreads[0.3] < spreads[1.0] / 2
 
 
+def test_shape_size_sets_the_box_and_the_painted_pixels(tmp_path):
+    run_synth(
+        tmp_path, count=8, frames=2, size=32, seed=1, image_fraction=0.5, shape_size=0.5, progress=False
+    )
+    items = _manifest(tmp_path)["items"]
+    assert {it["side"] for it in items} == {16}
+    assert _manifest(tmp_path)["params"]["shape_size"] == 0.5
+    for it in items:
+        if it["direction"] is None:  # a lossless PNG: the painted pixels are exactly the mask
+            frame = np.asarray(Image.open(tmp_path / it["file"]).convert("RGB"))
+            painted = (frame != np.array(BACKGROUND, np.uint8)).any(axis=-1)
+            assert painted.sum() == shape_mask(it["shape"], 16).sum()
+            ys, xs = np.nonzero(painted)
+            assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 == 16
+
+
 def test_rerun_with_fewer_items_removes_stale_files(tmp_path):
     run_synth(tmp_path, count=8, frames=2, size=16, progress=False)
     (tmp_path / "notes.md").write_text("mine")
@@ -320,6 +336,8 @@ def test_rerun_with_fewer_items_removes_stale_files(tmp_path):
         ({"image_fraction": 1.5}, "image_fraction"),
         ({"position_jitter": -0.1}, "position_jitter"),
         ({"position_jitter": "0"}, "position_jitter"),
+        ({"shape_size": 0.0}, "shape_size"),
+        ({"shape_size": 0.8}, "shape_size"),
     ],
 )
 def test_argument_errors_name_the_argument(tmp_path, kwargs, name):
