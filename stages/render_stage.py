@@ -125,11 +125,9 @@ def prepare_stage(
 
     FileNotFoundError or ValueError naming the stage, the checkpoint and the mismatch. `guidance_scale`
     (e.g. 1 for an unprompted upscale) replaces the stage's guidance with a constant weight; `precision`
-    (`render.precision`) is the dtype the stage's model will sample in.
+    (`render.precision`, checked by `configs.validate.validate_render`) is the dtype the stage's model
+    will sample in.
     """
-    if precision not in DTYPES:
-        expected = ", ".join(DTYPES)
-        raise ValueError(f"render.precision: unknown value '{precision}'; expected one of {expected}")
     stage = cascade.stages[index]
     where = f"stage '{stage.name}'"
     if not stage.checkpoint:
