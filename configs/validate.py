@@ -49,6 +49,10 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}: got {value}, expected {bound}")
 
 
+MAX_SHAPE_SIZE = 0.75
+"""Largest `synth.shape_size`: a bigger box leaves the shape too little room to move."""
+
+
 def _unit_interval(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name}: got {value}, expected a value in [0, 1]")
@@ -224,8 +228,10 @@ def _validate_pipeline(p: PipelineConfig) -> None:
         _positive("synth.fps", p.synth.fps)
         _unit_interval("synth.image_fraction", p.synth.image_fraction)
         _unit_interval("synth.position_jitter", p.synth.position_jitter)
-        if not 0.0 < p.synth.shape_size <= 0.75:
-            raise ValueError(f"synth.shape_size: got {p.synth.shape_size}, expected a value in (0, 0.75]")
+        if not 0.0 < p.synth.shape_size <= MAX_SHAPE_SIZE:
+            raise ValueError(
+                f"synth.shape_size: got {p.synth.shape_size}, expected a value in (0, {MAX_SHAPE_SIZE}]"
+            )
     for name, t in p.trainings.items():
         if not t.config:
             raise ValueError(f"trainings.{name}.config: empty; expected run-config YAML files and overrides")

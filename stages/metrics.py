@@ -75,7 +75,7 @@ class _Pending:
 
     loss: Value
     grad_norm: Value | None
-    timestep_losses: list[tuple[float, float]] | tuple[Tensor, Tensor] | None
+    timestep_losses: tuple[Tensor, Tensor] | None
 
 
 @dataclass
@@ -224,7 +224,7 @@ class TrainMetrics:
         lr: float,
         grad_norm: Value | None,
         skipped: bool,
-        timestep_losses: list[tuple[float, float]] | tuple[Tensor, Tensor] | None = None,
+        timestep_losses: tuple[Tensor, Tensor] | None = None,
         data_wait_s: float = 0.0,
     ) -> None:
         """Record optimizer step `step` (0-based); `samples`/`tokens` are global counts for this step.
@@ -232,9 +232,9 @@ class TrainMetrics:
         `skipped` marks a step whose loss or gradients were not finite and that left the optimizer
         untouched: it counts in `skipped_total` but not in the loss, grad-norm or bucket means.
         `loss` is the step's loss, or a tensor of its micro-batch losses (their mean, taken in float64
-        like `np.mean`, is the step's loss). `timestep_losses` holds (t, per-sample loss) pairs with t in
-        [0, 1], or two equal-length 1-D tensors (times, per-sample losses). Tensors may stay on the
-        device: they are read when the window's line is written (see the module docstring).
+        like `np.mean`, is the step's loss). `timestep_losses` is two equal-length 1-D tensors: each
+        sample's diffusion time t in [0, 1] and its loss. Tensors may stay on the device: they are read
+        when the window's line is written (see the module docstring).
         """
         if self._closed:
             return
@@ -282,7 +282,7 @@ class TrainMetrics:
             values.append(p.loss)
             if p.grad_norm is not None:
                 values.append(p.grad_norm)
-            if isinstance(p.timestep_losses, tuple):
+            if p.timestep_losses is not None:
                 values.extend(p.timestep_losses)
         host = iter(read_values(values))
         for p in w.pending:
@@ -294,12 +294,11 @@ class TrainMetrics:
                 (grad_norm,) = next(host)
                 w.grad_sum += grad_norm
                 w.grad_n += 1
-            pairs = p.timestep_losses
-            if isinstance(pairs, tuple):
-                pairs = list(zip(next(host), next(host), strict=True))
-            for t, sample_loss in pairs or ():
+            if p.timestep_losses is None:
+                continue
+            for t, sample_loss in zip(next(host), next(host), strict=True):
                 i = min(max(int(t * w.buckets), 0), w.buckets - 1)
-                w.bucket_sum[i] += float(sample_loss)
+                w.bucket_sum[i] += sample_loss
                 w.bucket_n[i] += 1
         w.pending = []
 

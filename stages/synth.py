@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from configs.validate import MAX_SHAPE_SIZE
 from stages.media_out import CRF, PRESET, X264_PARAMS, atomic_path, write_mp4
 
 # ---------------------------------------------------------------------------------------------------------
@@ -109,10 +110,7 @@ def render_frame(size: int, color: str, mask: np.ndarray, x: int, y: int) -> np.
 
 
 SHAPE_SIZE = 1 / 3
-"""Default side of a shape's box as a share of the frame's side."""
-
-MAX_SHAPE_SIZE = 0.75
-"""Largest `shape_size`: a bigger box leaves the shape too little room to move."""
+"""Default side of a shape's box as a share of the frame's side (at most `MAX_SHAPE_SIZE`)."""
 
 
 def shape_side(size: int, shape_size: float = SHAPE_SIZE) -> int:

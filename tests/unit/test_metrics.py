@@ -7,6 +7,7 @@ import math
 import time
 
 import pytest
+import torch
 
 from stages import metrics
 from stages.metrics import METRICS_FILE, TENSORBOARD_DIR, TrainMetrics
@@ -19,6 +20,14 @@ def _lines(out) -> list[dict]:
 def _step(m: TrainMetrics, step: int, loss: float = 1.0, **kw) -> None:
     args = {"samples": 4, "tokens": 400, "lr": 1e-4, "grad_norm": 0.5, "skipped": False} | kw
     m.step(step, loss=loss, **args)
+
+
+def _pairs(pairs: list[tuple[float, float]] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(t, per-sample loss) pairs as the loop passes them: a tensor of times and one of losses."""
+    if pairs is None:
+        return None
+    times, losses = zip(*pairs, strict=True)
+    return torch.tensor(times, dtype=torch.float64), torch.tensor(losses, dtype=torch.float64)
 
 
 def _fake_clock(monkeypatch, times: list[float]) -> None:
@@ -49,7 +58,7 @@ def test_lines_on_cadence_skips_and_last_step_with_window_means(tmp_path):
     }
     with TrainMetrics(tmp_path, rank=0, total_steps=8, log_every=3, tensorboard=False, progress=False) as m:
         for s in range(8):
-            t_losses = buckets.get(s)
+            t_losses = _pairs(buckets.get(s))
             _step(m, s, losses[s], grad_norm=grads[s], lr=0.1 * s, skipped=s == 4, timestep_losses=t_losses)
     lines = _lines(tmp_path)
     assert [ln["step"] for ln in lines] == [2, 4, 5, 7]  # (step+1) % 3 == 0, the skipped step, the last
@@ -73,7 +82,6 @@ def test_tensor_values_are_read_at_the_line_and_give_the_float_values(monkeypatc
     (on a GPU: still on the device). They give exactly the lines floats give, and are read only when a
     line is written: a tensor filled in after its `step` call but before the line shows its new values."""
     import numpy as np
-    import torch
 
     steps = [  # (micro-batch losses, grad norm, times, per-sample losses, skipped)
         ([0.3, 0.7], 0.25, [0.1, 0.6, 0.9], [1.0, 2.0, 3.0], False),
@@ -88,7 +96,7 @@ def test_tensor_values_are_read_at_the_line_and_give_the_float_values(monkeypatc
         with TrainMetrics(out, rank=0, total_steps=4, log_every=2, tensorboard=False, progress=False) as m:
             for s, (micro, grad, times, sample_losses, skipped) in enumerate(steps):
                 if kind == "float":
-                    loss, norm, pairs = float(np.mean(micro)), grad, list(zip(times, sample_losses))
+                    loss, norm, pairs = float(np.mean(micro)), grad, _pairs(list(zip(times, sample_losses)))
                 else:
                     f64 = {"dtype": torch.float64}
                     loss = torch.zeros(2, **f64) if s == 0 else torch.tensor(micro, **f64)
@@ -168,7 +176,7 @@ def test_other_ranks_write_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     m = TrainMetrics(out, rank=1, total_steps=3, log_every=1)
     for s in range(3):
-        _step(m, s, skipped=s == 1, timestep_losses=[(0.5, 1.0)])
+        _step(m, s, skipped=s == 1, timestep_losses=_pairs([(0.5, 1.0)]))
     m.log(2, eval_loss=1.0)
     m.close()
     m.close()
@@ -179,7 +187,7 @@ def test_other_ranks_write_nothing(tmp_path, capsys):
 def test_tensorboard_scalars_match_the_jsonl(tmp_path):
     with TrainMetrics(tmp_path, rank=0, total_steps=4, log_every=2, progress=False) as m:
         for s in range(4):
-            _step(m, s, loss=float(s), skipped=s == 2, timestep_losses=[(0.9, 2.0 * s)])
+            _step(m, s, loss=float(s), skipped=s == 2, timestep_losses=_pairs([(0.9, 2.0 * s)]))
         m.log(3, **{"eval/loss": 0.25})
     expected = {
         "train/loss", "train/loss_t3", "train/grad_norm", "train/lr", "train/skipped_steps",
