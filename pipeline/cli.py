@@ -214,9 +214,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.plan:
         return 0
     job.write_config()
-    job.start_ray(plan)
+    capacity = job.start_ray(plan)
     started = time.monotonic()
-    statuses = run_graph(stages, job.out, plan)
+    statuses = run_graph(stages, job.out, plan, capacity=capacity)
     print(f"\n{format_status(status_rows(job.out))}")
     failed = [name for name, state in statuses.items() if state == "failed"]
     took = format_duration(time.monotonic() - started)

@@ -16,9 +16,14 @@ Selection (`Selection`): `only` runs just the named stages, `from_` forces a sta
 downstream of it, `force` reruns stages even when fresh. Stages left out must be fresh wherever a
 selected stage needs them. A name may also be a group: `train` stands for every `train-*` stage.
 
-Ready stages run concurrently, each in a daemon thread of the driver (the heavy work inside goes to Ray,
-whose resources decide what really runs side by side). After a failure no new stage starts; the ones
-running finish. An interrupted run leaves records saying running, and the next run resumes them.
+Ready stages run concurrently, each in a daemon thread of the driver (the heavy work inside goes to
+Ray). Given the cluster's `capacity`, a stage that declares `resources` (a training's workers) starts
+only when they fit beside the running stages' declared resources, so stages wait in the driver, in
+order, rather than in Ray, which would grant them in whatever order its workers come up: the ready
+stage with the largest `cost` starts first (the longest training, which bounds the run). A stage that
+needs more than the whole capacity starts once nothing declared runs, and Ray queues it as before.
+After a failure no new stage starts; the ones running finish. An interrupted run leaves records saying
+running, and the next run resumes them.
 """
 
 from __future__ import annotations
@@ -58,6 +63,12 @@ class Stage:
     """Does the work (resuming where it can); returns a one-line summary for the record and status."""
     detail: str = ""
     """What the stage does, for the plan table."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """What the stage holds while it runs (Ray resource name → amount, e.g. {"CPU": 2}); empty for
+    stages run_graph does not account for."""
+    cost: float = 0.0
+    """Expected time, in any unit (a training's FLOPs per worker): among ready stages the costliest
+    starts first."""
 
 
 @dataclass(frozen=True)
@@ -271,9 +282,14 @@ def _now() -> str:
 
 
 def run_graph(
-    stages: Sequence[Stage], run_dir: Path, plan: Plan, log: Callable[[str], None] = print
+    stages: Sequence[Stage],
+    run_dir: Path,
+    plan: Plan,
+    log: Callable[[str], None] = print,
+    capacity: dict[str, float] | None = None,
 ) -> dict[str, str]:
-    """Run the stages the plan says to run, concurrently as dependencies allow; name → final status.
+    """Run the stages the plan says to run, concurrently as dependencies and `capacity` allow (see the
+    module docstring; None: every ready stage starts at once); name → final status.
 
     Raises GraphError when the run directory is locked by another run. A stage's exception is recorded
     (status failed, error) and reported in the returned statuses; it does not propagate.
@@ -287,21 +303,27 @@ def run_graph(
         pending = [s.name for s in stages if plan.action[s.name] == "run"]
         finished: queue.Queue[tuple[str, str]] = queue.Queue()
         running: set[str] = set()
+        waiting: set[str] = set()  # told the log once that it waits for resources
         failed = False
         while pending or running:
             if not failed:
-                for name in list(pending):
-                    deps_ok = all(status[d] in ("skipped", "done") for d in by_name[name].deps)
-                    if deps_ok:
-                        pending.remove(name)
-                        running.add(name)
-                        status[name] = "running"
-                        threading.Thread(
-                            target=_run_stage,
-                            args=(by_name[name], run_dir, plan.resume[name], finished, log),
-                            name=f"stage-{name}",
-                            daemon=True,
-                        ).start()
+                ready = [n for n in pending if all(status[d] in ("skipped", "done") for d in by_name[n].deps)]
+                for name in sorted(ready, key=lambda n: -by_name[n].cost):  # stable: graph order on ties
+                    held = [by_name[n].resources for n in running]
+                    if not _fits(by_name[name].resources, held, capacity):
+                        if name not in waiting:
+                            waiting.add(name)
+                            log(f"[{name}] waiting for {_format_resources(by_name[name].resources)}")
+                        continue
+                    pending.remove(name)
+                    running.add(name)
+                    status[name] = "running"
+                    threading.Thread(
+                        target=_run_stage,
+                        args=(by_name[name], run_dir, plan.resume[name], finished, log),
+                        name=f"stage-{name}",
+                        daemon=True,
+                    ).start()
             if not running:
                 break
             name, outcome = finished.get()
@@ -309,6 +331,19 @@ def run_graph(
             status[name] = outcome
             failed = failed or outcome == "failed"
     return status
+
+
+def _fits(need: dict[str, float], held: list[dict[str, float]], capacity: dict[str, float] | None) -> bool:
+    """Whether a stage needing `need` may start beside running stages holding `held`."""
+    if capacity is None or not need or not any(held):
+        return True
+    return all(
+        amount + sum(h.get(key, 0.0) for h in held) <= capacity.get(key, 0.0) for key, amount in need.items()
+    )
+
+
+def _format_resources(resources: dict[str, float]) -> str:
+    return ", ".join(f"{amount:g} {key}" for key, amount in resources.items())
 
 
 def _run_stage(

@@ -41,7 +41,7 @@ from configs import (
     load_config,
     to_dict,
 )
-from configs.schema import PipelineConfig
+from configs.schema import PipelineConfig, PipelineTrainingConfig
 from pipeline.graph import Plan, Stage
 
 RENDERS = "renders"
@@ -148,6 +148,8 @@ class Job:
 
     def stages(self) -> list[Stage]:
         """The graph, in topological order."""
+        from stages.train import plan as train_plan
+
         cfg, out = self.cfg, self.out
         stages: list[Stage] = []
         if not cfg.inputs:
@@ -181,6 +183,9 @@ class Job:
                     [out / name],
                     self._trainer(name),
                     f"{run.model.kind} model, {run.train.steps} steps, {t.workers} worker(s) → {out / name}",
+                    resources=_training_resources(t),
+                    # each worker's FLOPs, which bound the training's time: the longest starts first
+                    cost=run.train.steps * train_plan(run, 1)["flops_per_step"],
                 )
             )
         trained = tuple(f"train-{name}" for name in self.trainings)
@@ -208,17 +213,23 @@ class Job:
         )
         return stages
 
-    def start_ray(self, plan: Plan) -> None:
-        """Start (or connect to) Ray in this, the main, thread if any stage that uses Ray will run.
+    def start_ray(self, plan: Plan) -> dict[str, float] | None:
+        """Start (or connect to) Ray in this, the main, thread if any stage that uses Ray will run, and
+        return the cluster's CPUs and GPUs (run_graph's capacity; None when Ray is not needed).
 
         Not from a stage's thread: an in-process Ray's raylet dies with the thread that started it
         (it is spawned with a parent-death signal), which would take the whole cluster down when that
         stage's thread ends.
         """
-        if any(plan.action[name] == "run" for name in plan.action if name not in ("synth", "report")):
-            from pipeline.ray_cluster import ensure_ray
+        if not any(plan.action[name] == "run" for name in plan.action if name not in ("synth", "report")):
+            return None
+        import ray
 
-            ensure_ray(self.address)
+        from pipeline.ray_cluster import ensure_ray
+
+        ensure_ray(self.address)
+        total = ray.cluster_resources()
+        return {key: float(total[key]) for key in ("CPU", "GPU") if key in total}
 
     def write_config(self) -> None:
         """The resolved pipeline config, for the report and for reproducing the run."""
@@ -334,6 +345,14 @@ class Job:
             for stage, c in summary.adherence.items()
         )
         return f"{summary.path}" + (f" (prompt checks {scores})" if scores else "")
+
+
+def _training_resources(t: PipelineTrainingConfig) -> dict[str, float]:
+    """What a training's Ray Train workers hold, as run_graph accounts for it."""
+    held = {"CPU": float(t.workers * t.cpus_per_worker)}
+    if t.gpus_per_worker:
+        held["GPU"] = t.workers * t.gpus_per_worker
+    return held
 
 
 def _last_metrics(cfg: RunConfig) -> dict:

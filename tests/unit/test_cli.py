@@ -154,3 +154,14 @@ def test_launch_sh_help_and_demo_plan(tmp_path):
     assert [line.split()[:2] for line in table] == [[s, "run"] for s in stages]
     bad = subprocess.run([ROOT / "launch.sh", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'frobnicate'" in bad.stderr
+
+
+def test_demo_trainings_declare_their_workers_and_the_base_goes_first():
+    from pipeline.job import Job, load_pipeline
+
+    job = Job(load_pipeline([ROOT / "configs" / "pipeline" / "demo.yaml"], ["trainings.ssr.workers=2"]))
+    trainings = {s.name: s for s in job.stages() if s.name.startswith("train-")}
+    assert trainings["train-base"].resources == trainings["train-tsr"].resources == {"CPU": 1.0}
+    assert trainings["train-ssr"].resources == {"CPU": 2.0}
+    # cost = steps × one worker's FLOPs per step: the base's work bounds the demo's time
+    assert trainings["train-base"].cost > trainings["train-ssr"].cost > trainings["train-tsr"].cost > 0

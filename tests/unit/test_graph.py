@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,62 @@ def test_independent_stages_run_concurrently(tmp_path):
     ]
     statuses = run_graph(stages, tmp_path, plan_graph(stages, tmp_path), log=lambda _: None)
     assert statuses == {"a": "done", "b": "done", "c": "done"}
+
+
+class Tracker:
+    """Stage work that records start order and how many declared stages ran at once."""
+
+    def __init__(self, hold: float = 0.2) -> None:
+        self.hold, self.lock = hold, threading.Lock()
+        self.started: list[str] = []
+        self.running = self.most = 0
+
+    def work(self, name: str):
+        def run() -> str:
+            with self.lock:
+                self.started.append(name)
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(self.hold)  # long enough for a wrongly admitted stage to overlap
+            with self.lock:
+                self.running -= 1
+            return name
+
+        return run
+
+
+def test_stages_wait_for_capacity_and_the_costliest_starts_first(tmp_path):
+    track, lines = Tracker(), []
+    one_cpu = {"CPU": 1.0}
+    stages = [Stage("a", (), "1", [], lambda: "ok")] + [
+        Stage(n, ("a",), "1", [], track.work(n), resources=one_cpu, cost=cost)
+        for n, cost in [("cheap", 1.0), ("big", 3.0), ("mid", 2.0)]
+    ]
+    statuses = run_graph(stages, tmp_path, plan_graph(stages, tmp_path), lines.append, capacity={"CPU": 2.0})
+    assert set(statuses.values()) == {"done"}
+    assert set(track.started[:2]) == {"big", "mid"} and track.started[2] == "cheap"
+    assert track.most == 2
+    assert "[cheap] waiting for 1 CPU" in lines
+
+
+def test_without_capacity_declared_stages_all_start_at_once(tmp_path):
+    track = Tracker()
+    stages = [Stage(n, (), "1", [], track.work(n), resources={"CPU": 1.0}, cost=1.0) for n in "abc"]
+    run_graph(stages, tmp_path, plan_graph(stages, tmp_path), log=lambda _: None)
+    assert track.most == 3
+
+
+def test_a_stage_larger_than_the_capacity_runs_alone(tmp_path):
+    track = Tracker()
+    stages = [
+        Stage("huge", (), "1", [], track.work("huge"), resources={"CPU": 4.0, "GPU": 1.0}, cost=2.0),
+        Stage("small", (), "1", [], track.work("small"), resources={"CPU": 1.0}, cost=1.0),
+    ]
+    statuses = run_graph(
+        stages, tmp_path, plan_graph(stages, tmp_path), lambda _: None, capacity={"CPU": 2.0}
+    )
+    assert statuses == {"huge": "done", "small": "done"}
+    assert track.started == ["huge", "small"] and track.most == 1
 
 
 def test_run_directory_lock_refuses_a_second_run(tmp_path):
