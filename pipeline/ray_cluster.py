@@ -36,4 +36,18 @@ def _init(address: str | None, dashboard: bool, num_cpus: int | None) -> None:
         dashboard_host="127.0.0.1",
         log_to_driver=True,
         configure_logging=False,
+        runtime_env=None if dashboard else {"worker_process_setup_hook": quiet_placement_group_cleaner},
     )
+
+
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Worker setup hook of a local Ray without its dashboard. Every Ray Train run starts a placement-group
+    cleaner that asks the dashboard's state API each second whether the run's controller still lives;
+    with no dashboard to answer, it logs a warning each time (hundreds per demo). A local Ray dies with
+    this process, leaving nothing for it to clean, so its warnings are dropped; errors still show."""
+    import logging
+
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)

@@ -76,6 +76,20 @@ def uninterrupted(ray_session, shards, tmp_path_factory):
     return out, ray_train(_cfg(shards, out), workers=2)
 
 
+def test_local_ray_workers_drop_the_placement_group_cleaner_warnings(ray_session):
+    import logging
+
+    import ray
+
+    from pipeline.ray_cluster import PLACEMENT_GROUP_CLEANER_LOGGER
+
+    @ray.remote(num_cpus=0)
+    def level() -> int:
+        return logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).getEffectiveLevel()
+
+    assert ray.get(level.remote()) == logging.ERROR
+
+
 def test_two_workers_train_to_the_end_with_committed_checkpoints(uninterrupted):
     out, result = uninterrupted
     assert result.step == STEPS and result.checkpoint == checkpoint.step_dir(out, STEPS)
