@@ -10,8 +10,8 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"         # torch requirement installed 
 TORCH_INDEX_URL="${TORCH_INDEX_URL:-}"            # e.g. https://download.pytorch.org/whl/cpu for CPU wheels
 EXTRAS="${EXTRAS:-test}"                          # project extras: test, gpu (xformers, CUDA only)
 LINT="${LINT:-1}"                                 # 1: `test` runs ruff before pytest
-# ops DeepSpeed compiles (its CPU communication op) go with the virtualenv, so that two checkouts on one
-# machine do not rebuild each other's
+# ops DeepSpeed compiles go with the virtualenv, so that two checkouts on one machine do not rebuild
+# each other's
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
 
 usage() {
@@ -88,9 +88,18 @@ EOF
   "$py" -c "import torch, deepspeed, ray, decord, av, webdataset; print('[setup] torch', torch.__version__, \
 'cuda' if torch.cuda.is_available() else 'cpu', '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)" \
     2>/dev/null | grep '^\[setup\]' || die "dependency check failed; rerun with a clean $VENV"
-  # DeepSpeed compiles that op when the first training starts (a minute on 2 cores, while every other
-  # training starting then waits for it): build it now, once. Optional: DeepSpeed skips it where unsupported.
-  "$py" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || true
+  # DeepSpeed compiles its communication op and its fused Adam when the first training starts (1.5 min on
+  # 2 cores, while every training starting then waits): build them now, once. Best effort: DeepSpeed
+  # skips ops a machine does not support, and a training still builds whatever is missing.
+  "$py" - >/dev/null 2>&1 <<'EOF' || true
+import deepspeed.ops
+from deepspeed.accelerator import get_accelerator
+
+for name in ("ShareMemCommBuilder", "FusedAdamBuilder"):
+    builder = get_accelerator().create_op_builder(name)
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load()
+EOF
   echo "$want" > "$stamp"
 }
 
