@@ -236,12 +236,12 @@ def test_plan_reads_the_checkpoint_config_when_committed(tmp_path, monkeypatch):
         Path("runs/demo/tsr"), ["model.kind=tsr", "model.sr_factor=2", "model.width=96", "text.max_length=32"]
     )
     _fake_checkpoint(Path("runs/demo/ssr"), ["model.kind=ssr", "model.width=128"], committed=False)
-    cascade = load_cascade(CASCADES / "demo.yaml")
+    cascade = load_cascade(CASCADES / "demo.yaml", ["stages.1.guidance_scale=2"])
     rows = plan_cascade(cascade)
     tsr, ssr = rows[1], rows[2]
     assert tsr["model_source"] == str(step)
     assert tsr["parameters"] == parameter_count(run.model) != parameter_count(cascade.stages[1].model)
-    assert tsr["flops_per_step"] == 2 * forward_flops(run.model, 16, 16, 16, 32).total  # its text length
+    assert tsr["flops_per_step"] == 2 * forward_flops(run.model, 16, 16, 16, 32).total  # CFG; its text length
     assert ssr["model_source"] == "config"  # no COMMITTED marker: not trusted
     assert rows[0]["model_source"] == "config"  # never trained
 
@@ -263,7 +263,8 @@ def test_plan_rejects_a_checkpoint_of_the_wrong_kind(tmp_path, monkeypatch):
 
 def test_plan_flops_match_an_independent_count(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cascade = load_cascade(CASCADES / "demo.yaml", ["stages.2.guidance_scale=1"])
+    settings = ["stages.0.guidance_scale=4", "stages.2.guidance_scale=1"]
+    cascade = load_cascade(CASCADES / "demo.yaml", settings)
     rows = plan_cascade(cascade, batch_size=3)
     base, ssr = cascade.stages[0], cascade.stages[2]
     expected = 2 * forward_flops(base.model, 8, 16, 16, 64).total  # guidance 4: two passes per step
@@ -273,7 +274,7 @@ def test_plan_flops_match_an_independent_count(tmp_path, monkeypatch):
     assert rows[2]["flops"] == forward_flops(ssr_model, 16, 64, 64, 64).total * ssr.steps * 3  # no CFG
     assert rows[2]["tokens"] == 16 * (64 // 4) * (64 // 4)  # the demo ssr model patches 1×4×4
     assert rows[0]["memory_gib"] * 2**30 > 4 * rows[0]["parameters"]
-    naive = load_cascade(CASCADES / "demo.yaml", ["stages.0.model.attention_backend=naive"])
+    naive = load_cascade(CASCADES / "demo.yaml", [*settings, "stages.0.model.attention_backend=naive"])
     assert plan_cascade(naive)[0]["memory_gib"] > plan_cascade(cascade)[0]["memory_gib"]
     table = format_plan(rows)
     assert all(name in table for name in ("base", "tsr", "ssr", "total", "8×16×16@4 → 16×16×16@8"))
