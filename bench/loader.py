@@ -134,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch  # not at module level (see the docstring); interpreter imports are not timed
 
-    from stages.train import init_distributed
+    from stages.distributed import init_distributed
 
     scratch = Path(tempfile.mkdtemp(prefix="tessera-bench-loader-"))
     try:

@@ -7,7 +7,7 @@ stage and precision, on synthetic in-memory batches; prints a table and writes J
     python bench/train_step.py --presets XL --frames 16 --size 256 --patch 1 8 8 --batch 4 \\
         --zero 2 --precision bf16                 # 16×32×32 patches: the H200 record
 
-One process, a world of one (`stages.train.init_distributed`). For each preset × frames × size × ZeRO
+One process, a world of one (`stages.distributed.init_distributed`). For each preset × frames × size × ZeRO
 stage × precision: `DiffusionTrainer(cfg)` wrapped by `deepspeed.initialize` with the run's
 `stages.parallelize.deepspeed_config`, then `engine(...)` → `engine.backward` → `engine.step` timed
 per step (synchronized on CUDA). `--compile` sets `train.compile=true`, so `DiffusionTrainer` compiles
@@ -41,8 +41,9 @@ from configs import RunConfig, load_config
 from configs.presets import MODEL_PRESETS
 from models.attention import resolve_backend
 from models.flops import forward_flops, parameter_count, token_grid
+from stages.distributed import init_distributed
 from stages.parallelize import deepspeed_config, lr_factor
-from stages.train import DiffusionTrainer, init_distributed
+from stages.train import DiffusionTrainer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CAPTION = "a slow pan over a harbour at dusk, boats rocking on the water, gulls overhead; "

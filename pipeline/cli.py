@@ -121,10 +121,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
             result = train(cfg, resume=args.resume, progress=not args.quiet)
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
-    if getattr(result, "preempted", False):
-        print(f"stopped by SIGTERM at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)
-    return 0
+        code = 1
+    else:
+        code = 0
+        if getattr(result, "preempted", False):
+            stop = f"stopped by SIGTERM at step {result.step}; checkpoint {result.checkpoint}"
+            print(stop, file=sys.stderr)
+    if args.ray:  # the driver; Ray Train owns its workers' process group
+        return code
+    from stages.distributed import leave_distributed
+
+    return leave_distributed(code)
 
 
 def _render_settings(args: argparse.Namespace) -> RenderConfig:

@@ -2,7 +2,8 @@
 
 Ray Train (the V2 API, Ray's default) starts one worker actor per rank, sets RANK / WORLD_SIZE /
 LOCAL_RANK / MASTER_ADDR / MASTER_PORT, initialises the torch process group (gloo on CPU, nccl on GPU)
-and calls our worker function in a thread of each actor; `init_distributed()` then reuses that group.
+and calls our worker function in a thread of each actor; `stages.distributed.init_distributed()` then
+reuses that group.
 
 Failures: when a worker dies or raises, Ray Train tears the whole group down and starts a new one (up
 to `max_failures` times). Every restarted worker calls `train(resume="auto")`, which continues from the

@@ -11,10 +11,8 @@ resume (`stages/checkpoint.py`), a non-finite-loss guard, SIGTERM → checkpoint
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +33,7 @@ from models.flops import forward_flops, parameter_count, token_grid
 from models.superres import degrade, reduce_video
 from models.text import ByteTextEncoder, T5TextEncoder
 from stages import checkpoint
+from stages.distributed import init_distributed
 from stages.parallelize import deepspeed_config, lr_factor, parallelize_model
 from stages.train_sync import StepRecord, grad_norm_bad, nonfinite, read_means, settled_at_once
 
@@ -178,47 +177,12 @@ def export_weights(directory: Path, cfg: RunConfig, states: dict[str, dict[str, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Distributed setup and the plan
+# The plan
 # --------------------------------------------------------------------------------------------------
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the launcher's environment (RANK/WORLD_SIZE/LOCAL_RANK and
-    MASTER_ADDR/PORT, as torchrun, the DeepSpeed launcher and Ray Train set them; SLURM variables are
-    mapped); a lone process gets a world of one. nccl on CUDA, gloo on CPU."""
-    import deepspeed
-
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env:
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        if "RANK" in env:
-            deepspeed.init_distributed(dist_backend=backend)
-        else:  # a lone process: a private world of one, without exporting rendezvous variables
-            env.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
-            deepspeed.init_distributed(
-                dist_backend=backend,
-                auto_mpi_discovery=False,
-                init_method=f"tcp://127.0.0.1:{_free_port()}",
-                rank=0,
-                world_size=1,
-            )
-    local = int(env.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return dist.get_rank(), dist.get_world_size(), local
 
 
 def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:

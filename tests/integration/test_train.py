@@ -168,6 +168,45 @@ def test_one_and_two_processes_give_the_same_first_step(tmp_path):
     assert nonzero > 50  # the gradients are real, not all zero
 
 
+LEAVE = """
+import sys
+import torch
+import torch.distributed as dist
+from stages.distributed import init_distributed, leave_distributed
+
+rank, world, _ = init_distributed()
+total = torch.ones(1)
+dist.all_reduce(total)
+sys.stdout.write(f"rank {rank} of {world} summed {total.item():.0f}. ")  # no newline: still buffered
+code = leave_distributed(3 + rank)
+print(f"rank {rank} returned {code}, group left: {not dist.is_initialized()}")
+raise SystemExit(code)
+"""
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_rank_leaves_the_world_with_its_exit_code_and_its_output(tmp_path, n):
+    """A gloo rank exits in `leave_distributed` (see there why) with the code it was given, and what it
+    printed is not lost; a world of one destroys its group and returns."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    proc = _launch(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={29620 + n}",
+         str(script)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, output[-3000:]  # every rank's code is non-zero
+    for rank in range(n):
+        assert f"rank {rank} of {n} summed {n}." in output, output[-3000:]
+    if n == 1:
+        assert "rank 0 returned 3, group left: True" in output, output[-3000:]
+        assert "exitcode  : 3" in output, output[-3000:]
+    else:
+        assert "returned" not in output, output[-3000:]
+        assert "exitcode  : 3" in output or "exitcode  : 4" in output, output[-3000:]
+
+
 @pytest.fixture(scope="module")
 def reference(shards, tmp_path_factory):
     """An uninterrupted 8-step single-process run with checkpoints every 4 steps."""

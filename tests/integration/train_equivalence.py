@@ -16,8 +16,9 @@ from deepspeed.utils import safe_get_full_grad
 from safetensors.torch import save_file
 
 from configs import load_config
+from stages.distributed import init_distributed, leave_distributed
 from stages.parallelize import deepspeed_config
-from stages.train import DiffusionTrainer, init_distributed
+from stages.train import DiffusionTrainer
 
 GLOBAL_BATCH = 4
 
@@ -70,3 +71,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    leave_distributed(0)
