@@ -380,5 +380,7 @@ class PipelineConfig:
     """Sampling seed of the renders."""
     render_batch_size: int = 1
     """Prompts sampled together per cascade stage."""
+    render_precision: str = "fp32"
+    """fp32 or bf16: dtype of the cascade's models while rendering (as render.precision)."""
     render_gpus_per_stage: float = 0.0
     """GPUs reserved for each cascade stage's Ray actor (0 on CPU machines)."""

@@ -243,6 +243,7 @@ def _validate_pipeline(p: PipelineConfig) -> None:
     if any(not text.strip() for text in p.prompts):
         raise ValueError(f"prompts: blank prompt in {p.prompts}; every prompt needs text")
     _positive("render_batch_size", p.render_batch_size)
+    _choice("render_precision", p.render_precision, "render.precision")
     _positive("render_gpus_per_stage", p.render_gpus_per_stage, allow_zero=True)
 
 

@@ -191,6 +191,8 @@ class Job:
         trained = tuple(f"train-{name}" for name in self.trainings)
         if self.cascade is not None:
             settings = {"cascade": to_dict(self.cascade), "prompts": cfg.prompts, "seed": cfg.render_seed}
+            if cfg.render_precision != "fp32":  # fp32 runs keep the fingerprints they had before the option
+                settings["precision"] = cfg.render_precision
             stages.append(
                 Stage(
                     "render",
@@ -313,7 +315,10 @@ class Job:
 
         cfg = self.cfg
         settings = RenderConfig(
-            out_dir=str(self.out / RENDERS), seed=cfg.render_seed, batch_size=cfg.render_batch_size
+            out_dir=str(self.out / RENDERS),
+            seed=cfg.render_seed,
+            batch_size=cfg.render_batch_size,
+            precision=cfg.render_precision,
         )
         summary = render(
             self.cascade,

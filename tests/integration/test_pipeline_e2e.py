@@ -77,6 +77,7 @@ def _write_configs(root: Path) -> Path:
         "cascade": dump("cascade.yaml", {"name": "e2e", "stages": stages}),
         "prompts": PROMPTS,
         "render_batch_size": 2,
+        "render_precision": "bf16",
     }
     return Path(dump("pipeline.yaml", pipeline))
 
@@ -125,6 +126,7 @@ def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
             with av.open(str(path)) as container:
                 decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
             assert len(decoded) == frames and decoded[0].shape == (height, width, 3), path
+    assert json.loads((run / "renders" / "render.json").read_text())["precision"] == "bf16"
     assert (run / "contact_sheet.png").is_file()
     page = (run / "index.html").read_text()
     assert all(prompt in page for prompt in PROMPTS)

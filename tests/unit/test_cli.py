@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import pytest
 
-from configs import load_config
+from configs import ConfigError, load_config
 from pipeline.cli import main
 from stages.render_output import load_video_tensor
 from tests.render_fixtures import VIDEO_STAGES, build_cascade, write_cascade
@@ -165,3 +165,23 @@ def test_demo_trainings_declare_their_workers_and_the_base_goes_first():
     assert trainings["train-ssr"].resources == {"CPU": 2.0}
     # cost = steps × one worker's FLOPs per step: the base's work bounds the demo's time
     assert trainings["train-base"].cost > trainings["train-ssr"].cost > trainings["train-tsr"].cost > 0
+
+
+def test_render_precision_is_checked_and_reruns_only_the_render():
+    from pipeline.job import Job, load_pipeline
+
+    demo = [ROOT / "configs" / "pipeline" / "demo.yaml"]
+    fingerprints = {
+        precision: {
+            s.name: s.fingerprint
+            for s in Job(load_pipeline(demo, [f"render_precision={precision}"])).stages()
+        }
+        for precision in ("fp32", "bf16")
+    }
+    fp32, bf16 = fingerprints["fp32"], fingerprints["bf16"]
+    assert {name for name in fp32 if fp32[name] != bf16[name]} == {"render"}
+    assert fp32 == {s.name: s.fingerprint for s in Job(load_pipeline(demo)).stages()}  # the default
+    with pytest.raises(
+        ConfigError, match="render_precision: unknown value 'fp16'; expected one of fp32, bf16"
+    ):
+        load_pipeline(demo, ["render_precision=fp16"])
