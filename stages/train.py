@@ -147,6 +147,10 @@ class Ema:
                     _local(p).copy_(keep)
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def full_state(module: nn.Module, zero3: bool) -> dict[str, Tensor] | None:
     """Collective: the full fp32 state dict of `module` on rank 0 (None elsewhere), gathering ZeRO-3."""
     if zero3:
@@ -179,10 +183,6 @@ def export_weights(directory: Path, cfg: RunConfig, states: dict[str, dict[str, 
 # --------------------------------------------------------------------------------------------------
 # The plan
 # --------------------------------------------------------------------------------------------------
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
