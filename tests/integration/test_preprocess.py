@@ -181,6 +181,9 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
     parts_before = len(list((killed / "parts").glob("*.json")))
     assert 0 < parts_before < 30, "the kill should land mid-run"
     assert not (killed / "manifest.json").exists()
+    # What a kill inside a write leaves (the timing above rarely hits it): must not outlive the resume.
+    (killed / "shards" / "train-000004.tar.tmp-99999").write_bytes(b"half a tar")
+    (killed / "parts" / "train-000004.json.tmp-99999").write_text("{")
 
     manifest = run_preprocess(
         load_config(overrides=[*args, f"preprocess.out={killed}"]), [str(tmp_path / "in")], progress=False
@@ -192,9 +195,10 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
         assert (killed / "shards" / shard["name"]).read_bytes() == (
             clean / "shards" / shard["name"]
         ).read_bytes()
-    assert sorted(p.name for p in (killed / "shards").iterdir()) == sorted(
-        p.name for p in (clean / "shards").iterdir()
-    )
+    for folder in ("shards", "parts"):
+        assert sorted(p.name for p in (killed / folder).iterdir()) == sorted(
+            p.name for p in (clean / folder).iterdir()
+        )
 
 
 def test_ray_data_job_equals_the_local_job(tmp_path):
