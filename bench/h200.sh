@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue-7 GPU measurements in phases that each fit one 10-minute call on the lent H200:
-#   bash bench/h200.sh env kernels      # then: train, then: render
+#   bash bench/h200.sh env tests kernels      # then: train, then: render
 # Installs the carried wheels of bench/device_wheels.sh (.whl/) when present, and writes each phase's
 # JSON and log to $OUT (the device tool's folder) or bench/results/h200/. To try the script on a CPU:
 #   PRESET=cpu WHEELS=none PYTHON=.venv/bin/python bash bench/h200.sh env kernels
@@ -33,6 +33,11 @@ phase_env() {
   "$python" -m xformers.info 2>&1 | grep -E "^(xFormers|pytorch|fmha\.(flshatt|cutlass))" || echo "xformers: missing"
 }
 
+phase_tests() {  # the suite's CUDA tests, skipped on CPU machines and in CI
+  "$python" -m pytest -q -p no:cacheprovider -rs tests/unit/test_attention.py tests/unit/test_sampling.py \
+    -k "xformers_matches_sdpa or cuda_matches_cpu"
+}
+
 phase_kernels() {
   failed=0
   bench bench/attention.py --preset "$preset" --out "$dest/attention.json"
@@ -60,8 +65,8 @@ phase_render() {
 status=0
 for phase in "${@:-env}"; do
   case $phase in
-    env | kernels | train | render) ;;
-    *) echo "unknown phase '$phase' (env, kernels, train, render)" >&2; exit 2 ;;
+    env | tests | kernels | train | render) ;;
+    *) echo "unknown phase '$phase' (env, tests, kernels, train, render)" >&2; exit 2 ;;
   esac
   echo "== $phase $(date -u +%FT%TZ)"
   "phase_$phase" 2>&1 | tee "$dest/$phase.log"
