@@ -298,11 +298,7 @@ def run_preprocess(
     for record in _progress(executor(pending, cfg, out), sum(len(t.items) for t in pending), progress):
         records[record["name"]] = record
 
-    for leftover in [
-        *out.glob("*.tmp-*"),
-        *(out / "parts").glob("*.tmp-*"),
-        *(out / "shards").glob("*.tmp-*"),
-    ]:
+    for leftover in list(out.rglob("*.tmp-*")):
         leftover.unlink()  # half-written by a process killed mid-write; every writer of this run is done
     manifest = _write_outputs(out, cfg, tasks, records, fp)
     return {**manifest, "seconds": round(time.monotonic() - started, 2), "resumed": len(tasks) - len(pending)}
