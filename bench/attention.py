@@ -47,13 +47,14 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from factorized_vs_full import DTYPES, dit_block, step_fn
+from factorized_vs_full import dit_block, step_fn
 from report import fill_preset, print_table, record_header, sig, time_call, write_record
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configs import model_config
 from models.attention import attention, resolve_backend, xformers_available
+from stages.precision import torch_dtype
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"batch": 1, "spatial": 256, "frames": [8, 16], "width": 128, "heads": 4, "dtype": "fp32"},
@@ -141,7 +142,7 @@ def time_backend(
     reason = unavailable(backend, device)
     if reason:
         return None, f"skipped: {reason}"
-    qkv = qkv_output(n, length, args.heads, args.width // args.heads, DTYPES[args.dtype], device)
+    qkv = qkv_output(n, length, args.heads, args.width // args.heads, torch_dtype(args.dtype), device)
     call = attention_call(backend, qkv, args.heads, backward)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -169,7 +170,7 @@ def attention_rows(
     s, heads, head_dim = args.spatial, args.heads, args.width // args.heads
     n, length = (args.batch * tp, s) if axis == "spatial" else (args.batch * s, tp)
     flops_fwd = 4 * n * heads * length * length * head_dim
-    tensor_bytes = n * length * heads * head_dim * torch.finfo(DTYPES[args.dtype]).bits // 8
+    tensor_bytes = n * length * heads * head_dim * torch.finfo(torch_dtype(args.dtype)).bits // 8
     rows = []
     for backward in (False, True):
         flops = flops_fwd * (FWD_BWD_FLOPS if backward else 1)
@@ -196,7 +197,7 @@ def attention_rows(
 
 def layout_rows(tp: int, args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Temporal layout changes vs the attention between them vs the whole factorized block, at T' = tp."""
-    dtype, s, heads = DTYPES[args.dtype], args.spatial, args.heads
+    dtype, s, heads = torch_dtype(args.dtype), args.spatial, args.heads
     backend = resolve_backend(args.backend, device)
     h = torch.randn(args.batch, tp * s, args.width, device=device, dtype=dtype)  # (B, T'·S, D)
     rows_in = rearrange(h, "B (T S) D -> (B S) T D", T=tp).contiguous()  # (B·S, T', D)
@@ -245,7 +246,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, help="model width D = H·Dh")
     parser.add_argument("--heads", type=int)
     parser.add_argument("--batch", type=int)
-    parser.add_argument("--dtype", choices=list(DTYPES))
+    parser.add_argument("--dtype", choices=["fp32", "bf16"])
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=BACKENDS)
     parser.add_argument("--backend", default="auto", help="model backend of the layout table")
     parser.add_argument("--text-tokens", type=int, default=64, help="cross-attention keys of the block")

@@ -45,8 +45,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from configs import ModelConfig, model_config
 from models.dit import BlockContext, DiTBlock, VideoDiT
 from models.flops import forward_flops
+from stages.precision import torch_dtype
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"batch": 1, "grid": [8, 8], "frames": [4, 8, 16], "width": 128, "heads": 4, "dtype": "fp32"},
     "h200": {
@@ -121,7 +121,7 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 def measure(tp: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """One table row: both variants at T' = tp, wall clock and counted FLOPs."""
-    dtype, (hp, wp) = DTYPES[args.dtype], args.grid
+    dtype, (hp, wp) = torch_dtype(args.dtype), args.grid
     grid, s = (tp, hp, wp), hp * wp
     cfg = model_config(
         "tiny", width=args.width, heads=args.heads, patch_size=[1, 1, 1], attention_backend=args.backend
@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, help="model width D")
     parser.add_argument("--heads", type=int)
     parser.add_argument("--batch", type=int)
-    parser.add_argument("--dtype", choices=list(DTYPES))
+    parser.add_argument("--dtype", choices=["fp32", "bf16"])
     parser.add_argument("--text-tokens", type=int, default=64, help="cross-attention keys (text.max_length)")
     parser.add_argument("--backend", choices=["auto", "xformers", "sdpa", "naive"], default="auto")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -9,8 +9,8 @@ Data: real shards written into a temporary directory by `stages.synth.run_synth`
 captions) and `stages.preprocess.run_preprocess`, as `bench/preprocess.py` does. For each
 `data.num_workers` in --workers:
 
-- loader: `stages.data.loader_from_config`, the trainer's loader, drawing batches in this process
-  exactly as the trainer does (`next(batches)` then `stages.train.fit_batch`), nothing else running;
+- loader: `stages.shards.loader.loader_from_config`, the trainer's loader, drawing batches in this process
+  exactly as the trainer does (`next(batches)` then `stages.train.batches.fit_batch`), nothing else running;
   samples/s over --batches batches after --warmup batches (worker start-up not timed);
 - trainer: `stages.train.train` itself, reading the same shards, for 2 × --iters steps with
   `train.log_every` = --iters; samples/s and `data_wait_frac` (the trainer's own measure: seconds in
@@ -75,8 +75,8 @@ def loader_rate(cfg: RunConfig, args: argparse.Namespace) -> float:
     """Samples/s of the trainer's loader (+ fit_batch) alone, after `args.warmup` batches."""
     import torch
 
-    from stages.data import loader_from_config
-    from stages.train import fit_batch
+    from stages.shards.loader import loader_from_config
+    from stages.train.batches import fit_batch
 
     gen = torch.Generator().manual_seed(0)
     batches = iter(loader_from_config(cfg, rank=0, world_size=1))
@@ -93,8 +93,7 @@ def loader_rate(cfg: RunConfig, args: argparse.Namespace) -> float:
 
 def trainer_window(cfg: RunConfig) -> dict[str, float]:
     """samples/s and data-wait fraction of the real trainer's last metrics window."""
-    from stages.metrics import METRICS_FILE
-    from stages.train import train
+    from stages.train import METRICS_FILE, train
 
     train(cfg, resume="none", progress=False)
     lines = (Path(cfg.train.out_dir) / METRICS_FILE).read_text().splitlines()
@@ -134,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch  # not at module level (see the docstring); interpreter imports are not timed
 
-    from stages.distributed import init_distributed
+    from stages.train import init_distributed
 
     scratch = Path(tempfile.mkdtemp(prefix="tessera-bench-loader-"))
     try:

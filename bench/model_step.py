@@ -22,12 +22,11 @@ from report import machine, print_table, sync, write_record
 from configs import model_config
 from models.dit import VideoDiT
 from models.flops import forward_flops, parameter_count
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from stages.precision import torch_dtype
 
 
 def measure(preset: str, args: argparse.Namespace) -> dict:
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), torch_dtype(args.dtype)
     cfg = model_config(preset, patch_size=list(args.patch), attention_backend=args.backend)
     model = VideoDiT(cfg).to(device)
     x = torch.randn(args.batch, 3, args.frames, args.size, args.size, device=device)
@@ -67,7 +66,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--text-tokens", type=int, default=16)
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)

@@ -27,9 +27,8 @@ import numpy as np
 from report import print_table, write_record
 
 from configs import load_config
-from stages.clips import ClipSpec, frames_to_decode, resample_indices
-from stages.discover import discover
-from stages.preprocess import local_executor, run_preprocess
+from stages.media import ClipSpec, frames_to_decode, resample_indices
+from stages.preprocess import discover, local_shard_executor, run_preprocess
 from stages.synth import run_synth
 
 
@@ -96,7 +95,7 @@ def main() -> None:
             )
             spec = ClipSpec.from_config(cfg)
             start = time.perf_counter()
-            manifest = run_preprocess(cfg, videos, executor=local_executor, progress=False)
+            manifest = run_preprocess(cfg, videos, executor=local_shard_executor, progress=False)
             job_s = time.perf_counter() - start
             frames = sum(int(shape.split("x")[0]) * n for shape, n in manifest["shapes"].items())
 

@@ -9,7 +9,7 @@ checkpoints built from the cascade's own `model` blocks; prints a table and writ
 Checkpoints: for every stage, a freshly initialised DiT of the stage's `model` block (kind and
 super-resolution factor from the stage) and a byte text encoder, written into a temporary directory as
 the committed training checkpoints the renderer loads (`config.yaml`, `exported/` by
-`stages.train.export_weights`, the `COMMITTED` marker); nothing is downloaded. The text encoder is the
+`stages.artifacts.export_weights`, the `COMMITTED` marker); nothing is downloaded. The text encoder is the
 byte encoder at --text-width, and each model's text_dim is set to it: a cascade written for T5
 embeddings (imagen_video: 4096) would need a local T5, and the text encoder, run once per prompt and
 stage, is not what this measures. Untrained weights cost the same time as trained ones. The weights
@@ -42,14 +42,12 @@ from report import print_table, record_header, write_record
 
 from configs import CascadeConfig, DataConfig, RenderConfig, RunConfig, TextConfig, dump_config, load_cascade
 from configs.cascade import stage_factor
-from configs.validate import validate
+from configs.validate import CHOICES, validate
 from models.dit import VideoDiT
 from models.flops import token_grid
 from models.text import ByteTextEncoder
-from stages.checkpoint import MARKER, step_dir
+from stages.artifacts import MARKER, export_weights, step_dir
 from stages.render import RenderSummary, render
-from stages.render_stage import DTYPES
-from stages.train import export_weights
 
 CAPTIONS = ["a red circle moving right", "a blue square moving up", "a green triangle", "waves at dusk"]
 
@@ -66,11 +64,7 @@ def build_checkpoints(cascade: CascadeConfig, root: Path, text_width: int) -> li
         cfg = RunConfig(model=model, text=TextConfig(width=text_width), data=data)
         validate(cfg)
         torch.manual_seed(i)
-        t = cfg.text
-        modules = {
-            "dit": VideoDiT(cfg.model),
-            "text": ByteTextEncoder(dim=t.width, depth=t.depth, heads=t.heads, max_length=t.max_length),
-        }
+        modules = {"dit": VideoDiT(cfg.model), "text": ByteTextEncoder.from_config(cfg.text)}
         state = {f"{m}.{k}": v for m, module in modules.items() for k, v in module.state_dict().items()}
         step = step_dir(root / stage.name, 1)
         export_weights(step, cfg, {"ema": state})
@@ -129,7 +123,7 @@ def main() -> None:
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed one-step render")
     parser.add_argument(
         "--precision",
-        choices=list(DTYPES),
+        choices=CHOICES["render.precision"],
         default="fp32",
         help="render.precision: dtype of the stage models",
     )

@@ -7,11 +7,11 @@ stage and precision, on synthetic in-memory batches; prints a table and writes J
     python bench/train_step.py --presets XL --frames 16 --size 256 --patch 1 8 8 --batch 4 \\
         --zero 2 --precision bf16                 # 16×32×32 patches: the H200 record
 
-One process, a world of one (`stages.distributed.init_distributed`). For each preset × frames × size × ZeRO
+One process, a world of one (`stages.train.init_distributed`). For each preset × frames × size × ZeRO
 stage × precision: `DiffusionTrainer(cfg)` wrapped by `deepspeed.initialize` with the run's
-`stages.parallelize.deepspeed_config`, then `engine(...)` → `engine.backward` → `engine.step` timed
+`stages.train.parallelize.deepspeed_config`, then `engine(...)` → `engine.backward` → `engine.step` timed
 per step (synchronized on CUDA). `--compile` sets `train.compile=true`, so `DiffusionTrainer` compiles
-each transformer block exactly as training does (`stages.parallelize.apply_compile`); compilation
+each transformer block exactly as training does (`stages.train.parallelize.apply_compile`); compilation
 happens in the first warm-up step and is not timed. Batches are made on the device before the clock
 starts, with byte text-encoder captions of exactly `text.max_length` tokens; no loader, no disk. Not
 timed: batch creation and host→device copies, the EMA update, metrics and checkpoints.
@@ -41,11 +41,11 @@ from configs import RunConfig, load_config
 from configs.presets import MODEL_PRESETS
 from models.attention import resolve_backend
 from models.flops import forward_flops, parameter_count, token_grid
-from stages.distributed import init_distributed
-from stages.parallelize import deepspeed_config, lr_factor
-from stages.train import DiffusionTrainer
+from stages.precision import DTYPES, torch_dtype
+from stages.train import init_distributed
+from stages.train.parallelize import deepspeed_config, lr_factor
+from stages.train.trainer import DiffusionTrainer
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CAPTION = "a slow pan over a harbour at dusk, boats rocking on the water, gulls overhead; "
 
 
@@ -96,7 +96,7 @@ def run_config(
 
 def synthetic_batches(cfg: RunConfig, device: torch.device, count: int = 2) -> list[dict[str, Any]]:
     """`count` training batches (pixels, times, noise, CFG drops, fps, captions) already on `device`."""
-    d, dtype = cfg.data, DTYPES[cfg.parallel.precision]
+    d, dtype = cfg.data, torch_dtype(cfg.parallel.precision)
     gen = torch.Generator().manual_seed(0)
     shape = (d.batch_size, cfg.model.in_channels, d.frames, d.height, d.width)  # (B, C, T, H, W)
     length = cfg.text.max_length - 1  # + BOS = text.max_length tokens, as forward_flops counts
@@ -235,7 +235,7 @@ def main() -> None:
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     matmul_dtype = "bf16" if device.type == "cuda" else "fp32"
     matmul_n = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    ceiling = matmul_ceiling(device, DTYPES[matmul_dtype], matmul_n)
+    ceiling = matmul_ceiling(device, torch_dtype(matmul_dtype), matmul_n)
     print(f"{matmul_dtype} {matmul_n}³ matmul on {device}: {ceiling:.4f} TFLOP/s")
 
     rows = [measure(cfg, device, ceiling, args) for cfg in configs]

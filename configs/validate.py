@@ -248,9 +248,13 @@ def _validate_pipeline(p: PipelineConfig) -> None:
 
 
 def validate(cfg: Any) -> None:
-    """Check a RunConfig (every section and the rules between them), a ModelConfig or a PipelineConfig."""
+    """Check a RunConfig (every section and the rules between them), a ModelConfig, a TextConfig or a
+    PipelineConfig."""
     if isinstance(cfg, ModelConfig):
         validate_model(cfg)
+        return
+    if isinstance(cfg, TextConfig):
+        _validate_text(cfg)
         return
     if isinstance(cfg, PipelineConfig):
         _validate_pipeline(cfg)

@@ -19,10 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from configs.loader import dump_config, load_config
 from configs.schema import ModelConfig
 from models.attention import Backend, resolve_backend
 from models.layers import (
@@ -37,6 +35,7 @@ from models.layers import (
 )
 from models.positions import frame_positions, sincos_table, spatial_rope, temporal_rope
 from models.text import TextEmbeddings, pooled
+from models.weights import read_weights, save_weights
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
@@ -347,14 +346,9 @@ class VideoDiT(nn.Module):
             )
 
     def save_pretrained(self, directory: str | Path, weights_name: str = WEIGHTS_NAME) -> Path:
-        """Write `config.yaml` and safetensors weights into `directory`; returns the weights path."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        dump_config(self.config, directory / CONFIG_NAME)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        path = directory / weights_name
-        save_file(state, path, metadata={"format": "pt"})
-        return path
+        """Write `config.yaml` and safetensors weights into `directory` (`models.weights`); returns the
+        weights path."""
+        return save_weights(directory, self.config, self.state_dict(), weights_name, CONFIG_NAME)
 
     @classmethod
     def from_pretrained(
@@ -362,11 +356,7 @@ class VideoDiT(nn.Module):
     ) -> VideoDiT:
         """Build from `directory/config.yaml` (+ dotted overrides, e.g. 'temporal_layers=true' to turn an
         image model into a video model) and load its safetensors weights (never a pickle)."""
-        directory = Path(directory)
-        for name in (CONFIG_NAME, weights_name):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory}: no {name} (expected a directory from save_pretrained)")
-        config = load_config([directory / CONFIG_NAME], overrides, schema=ModelConfig)
+        config, state = read_weights(directory, ModelConfig, weights_name, CONFIG_NAME, overrides)
         model = cls(config)
-        model.load_weights(load_file(directory / weights_name))
+        model.load_weights(state)
         return model

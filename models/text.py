@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from configs.schema import TextConfig
+from models.weights import read_weights, save_weights
 
 # ----------------------------------------------------------------------------------------------------
 # Output type and helpers
@@ -59,6 +61,10 @@ def _check_prompts(prompts: list[str]) -> None:
 PAD_ID = 0
 BOS_ID = 257
 BYTE_VOCAB = 258  # 0 = padding, 1..256 = byte + 1, 257 = BOS
+TEXT_CONFIG_NAME = "text_config.yaml"
+"""The byte encoder's config file in a `save_pretrained` folder (beside a DiT's `config.yaml`)."""
+TEXT_WEIGHTS_NAME = "text.safetensors"
+"""The byte encoder's default weights file in a `save_pretrained` folder."""
 
 
 def _truncate_utf8(data: bytes, budget: int) -> bytes:
@@ -86,6 +92,7 @@ class ByteTextEncoder(nn.Module):
             raise ValueError(f"text max_length must be >= 1 (room for the BOS token), got {max_length}")
         self.dim = dim
         self.max_length = max_length
+        self.config = TextConfig(encoder="byte", width=dim, depth=depth, heads=heads, max_length=max_length)
         self.token_embed = nn.Embedding(BYTE_VOCAB, dim, padding_idx=PAD_ID)
         self.pos_embed = nn.Embedding(max_length, dim)
         layer = nn.TransformerEncoderLayer(
@@ -106,6 +113,23 @@ class ByteTextEncoder(nn.Module):
         nn.init.normal_(self.pos_embed.weight, std=1.0)
         with torch.no_grad():
             self.token_embed.weight[PAD_ID].zero_()
+
+    @classmethod
+    def from_config(cls, cfg: TextConfig) -> ByteTextEncoder:
+        """A freshly initialised encoder of the shape `cfg` names (text.width, depth, heads, max_length)."""
+        return cls(dim=cfg.width, depth=cfg.depth, heads=cfg.heads, max_length=cfg.max_length)
+
+    def save_pretrained(self, directory: str | Path, weights_name: str = TEXT_WEIGHTS_NAME) -> Path:
+        """Write `text_config.yaml` and safetensors weights into `directory`; returns the weights path."""
+        return save_weights(directory, self.config, self.state_dict(), weights_name, TEXT_CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, weights_name: str = TEXT_WEIGHTS_NAME) -> ByteTextEncoder:
+        """Build from `directory/text_config.yaml` and load its safetensors weights (never a pickle)."""
+        config, state = read_weights(directory, TextConfig, weights_name, TEXT_CONFIG_NAME)
+        encoder = cls.from_config(config)
+        encoder.load_state_dict(state)
+        return encoder
 
     def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """UTF-8 bytes + 1 after a BOS, truncated on character boundaries, right-padded: (B, L) ids, mask."""
@@ -192,6 +216,16 @@ class T5TextEncoder(nn.Module):
         self.dim: int = self.model.config.d_model
         self.train(False)
 
+    @classmethod
+    def from_config(cls, cfg: TextConfig) -> T5TextEncoder:
+        """The frozen T5 of `text.t5_path`, cutting prompts at `text.max_length` tokens."""
+        if not cfg.t5_path.strip():
+            raise ValueError(
+                "text.encoder is 't5' but text.t5_path is empty: set text.t5_path to a local T5 "
+                "directory (config.json, model.safetensors, tokenizer files)"
+            )
+        return cls(cfg.t5_path, max_length=cfg.max_length)
+
     def train(self, mode: bool = True) -> T5TextEncoder:
         """Ignore `mode`: the encoder is frozen, so it stays in eval mode (no dropout) under any parent."""
         return super().train(False)
@@ -218,25 +252,11 @@ class T5TextEncoder(nn.Module):
 # Factory
 # ----------------------------------------------------------------------------------------------------
 
-TEXT_ENCODERS = ("byte", "t5")
 
-
-def text_encoder_from_config(
-    encoder: Literal["byte", "t5"],
-    dim: int,
-    depth: int,
-    heads: int,
-    max_length: int,
-    t5_path: str | Path,
-) -> nn.Module:
-    """Build the text encoder named by the config; dim/depth/heads apply to "byte" only."""
-    if encoder == "byte":
-        return ByteTextEncoder(dim=dim, depth=depth, heads=heads, max_length=max_length)
-    if encoder == "t5":
-        if t5_path is None or not str(t5_path).strip():
-            raise ValueError(
-                "text.encoder is 't5' but text.t5_path is empty: set text.t5_path to a local T5 "
-                "directory (config.json, model.safetensors, tokenizer files)"
-            )
-        return T5TextEncoder(t5_path, max_length=max_length)
-    raise ValueError(f"unknown text encoder {encoder!r}; valid names: {', '.join(TEXT_ENCODERS)}")
+def build_text_encoder(cfg: TextConfig) -> nn.Module:
+    """The text encoder `cfg` names: a fresh byte encoder (text.encoder=byte) or the frozen local T5."""
+    if cfg.encoder == "byte":
+        return ByteTextEncoder.from_config(cfg)
+    if cfg.encoder == "t5":
+        return T5TextEncoder.from_config(cfg)
+    raise ValueError(f"unknown text encoder {cfg.encoder!r}; expected byte or t5")

@@ -53,8 +53,13 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from stages.discover import count_by_kind, discover
-    from stages.preprocess import local_executor, run_preprocess, summary_table
+    from stages.preprocess import (
+        count_by_kind,
+        discover,
+        local_shard_executor,
+        manifest_table,
+        run_preprocess,
+    )
 
     inputs = [item for item in args.items if "=" not in item]
     overrides = [item for item in args.items if "=" in item]
@@ -69,13 +74,13 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
             print(f"# {kind}: {count}")
         return 0
     if args.local:
-        executor = local_executor
+        executor = local_shard_executor
     else:
         from pipeline.ray_preprocess import ray_executor
 
         executor = ray_executor(args.address)
     manifest = run_preprocess(cfg, inputs, executor=executor, progress=not args.quiet)
-    print(summary_table(manifest))
+    print(manifest_table(manifest))
     print(f"wrote {cfg.preprocess.out}/manifest.json, failures.jsonl, lineage.jsonl")
     return 0
 
@@ -129,7 +134,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(stop, file=sys.stderr)
     if args.ray:  # the driver; Ray Train owns its workers' process group
         return code
-    from stages.distributed import leave_distributed
+    from stages.train import leave_distributed
 
     return leave_distributed(code)
 
@@ -158,10 +163,10 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
     cascade = load_cascade(args.cascade, args.overrides)
     if args.plan:
-        from stages.cascade_plan import format_plan, plan_cascade
+        from stages.render import format_cascade_plan, plan_cascade
 
         rows = plan_cascade(cascade, batch_size=args.batch_size)
-        print(json.dumps(rows, indent=2) if args.json else format_plan(rows))
+        print(json.dumps(rows, indent=2) if args.json else format_cascade_plan(rows))
         return 0
     if args.json:
         raise ValueError("--json goes with --plan")
@@ -169,9 +174,9 @@ def _cmd_render(args: argparse.Namespace) -> int:
         raise ValueError("render needs --out DIR (or --plan to only print the plan)")
     if bool(args.prompts) == bool(args.prompt):
         raise ValueError("render needs either --prompts FILE or --prompt TEXT (repeatable), not both")
-    from stages.render import Prompt, read_prompts, render, summary_table
+    from stages.render import Prompt, read_prompts_file, render
 
-    prompts = read_prompts(args.prompts) if args.prompts else [Prompt(text) for text in args.prompt]
+    prompts = read_prompts_file(args.prompts) if args.prompts else [Prompt(text) for text in args.prompt]
     summary = render(
         cascade,
         prompts,
@@ -180,13 +185,13 @@ def _cmd_render(args: argparse.Namespace) -> int:
         executor=_render_executor(args),
         progress=not args.quiet,
     )
-    print(summary_table(summary))
+    print(summary.table())
     return 0
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:
     from configs import load_cascade
-    from stages.render import summary_table, upscale
+    from stages.render import upscale
 
     cascade = load_cascade(args.cascade, args.overrides)
     summary = upscale(
@@ -199,25 +204,25 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         executor=_render_executor(args),
         progress=not args.quiet,
     )
-    print(summary_table(summary))
+    print(summary.table())
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import time
 
-    from pipeline.graph import Selection, format_plan, format_status, plan_graph, run_graph, status_rows
-    from pipeline.job import Job, load_pipeline, split_items
-    from stages.report import format_duration
+    from pipeline.graph import Selection, format_run_plan, format_status, plan_graph, run_graph, status_rows
+    from pipeline.job import PipelineJob, load_pipeline, split_items
+    from stages.tables import format_duration
 
     paths, overrides = split_items(args.config)
     if args.out:
         overrides.append(f"out_dir={args.out}")
-    job = Job(load_pipeline(paths, overrides), address=args.address, progress=not args.quiet)
+    job = PipelineJob(load_pipeline(paths, overrides), address=args.address, progress=not args.quiet)
     stages = job.stages()
     selection = Selection(only=tuple(args.only), from_=args.from_ or "", force=tuple(args.force))
     plan = plan_graph(stages, job.out, selection)
-    print(format_plan(stages, plan))
+    print(format_run_plan(stages, plan))
     if args.plan:
         return 0
     job.write_config()

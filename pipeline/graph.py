@@ -1,6 +1,6 @@
 """The stage graph of `pipeline run`: records, freshness, selection, concurrent execution and status.
 
-A `Stage` is a named unit of work with dependencies, a fingerprint of its own settings, the paths it
+A `GraphStage` is a named unit of work with dependencies, a fingerprint of its own settings, the paths it
 writes and a function that does the work. Every run of a stage leaves a record in
 `RUN_DIR/pipeline/stages/{name}.json`: its status (running, done, failed), fingerprint, a fresh
 `run_id`, the run_ids of its dependencies it consumed (`inputs`), start, end, seconds, outputs, a
@@ -42,15 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.media_out import atomic_path
-from stages.report import format_duration
+from stages.atomic import write_text
+from stages.tables import column_table, format_duration
 
 STATE_DIR = "pipeline"
 """Folder of the run directory holding the graph, the stage records and the lock."""
 
 
 @dataclass
-class Stage:
+class GraphStage:
     """One node of the graph."""
 
     name: str
@@ -114,16 +114,14 @@ def read_record(run_dir: Path, name: str) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def _current_inputs(stage: Stage, records: dict[str, dict[str, Any] | None]) -> dict[str, str]:
+def _current_inputs(stage: GraphStage, records: dict[str, dict[str, Any] | None]) -> dict[str, str]:
     return {dep: (records.get(dep) or {}).get("run_id", "") for dep in stage.deps}
 
 
-def is_fresh(stage: Stage, records: dict[str, dict[str, Any] | None]) -> tuple[bool, str]:
+def is_fresh(stage: GraphStage, records: dict[str, dict[str, Any] | None]) -> tuple[bool, str]:
     """Whether `stage` can be skipped, and why not when it cannot."""
     rec = records.get(stage.name)
     if rec is None:
@@ -143,7 +141,7 @@ def is_fresh(stage: Stage, records: dict[str, dict[str, Any] | None]) -> tuple[b
 # ------------------------------------------------------------------------------------------- selection
 
 
-def _expand(names: Sequence[str], stages: Sequence[Stage], flag: str) -> set[str]:
+def _expand(names: Sequence[str], stages: Sequence[GraphStage], flag: str) -> set[str]:
     known = [s.name for s in stages]
     out: set[str] = set()
     for name in names:
@@ -154,7 +152,7 @@ def _expand(names: Sequence[str], stages: Sequence[Stage], flag: str) -> set[str
     return out
 
 
-def _descendants(stages: Sequence[Stage], roots: set[str]) -> set[str]:
+def _descendants(stages: Sequence[GraphStage], roots: set[str]) -> set[str]:
     out = set(roots)
     for s in stages:  # stages are in topological order
         if out.intersection(s.deps):
@@ -162,7 +160,7 @@ def _descendants(stages: Sequence[Stage], roots: set[str]) -> set[str]:
     return out
 
 
-def plan_graph(stages: Sequence[Stage], run_dir: Path, selection: Selection = Selection()) -> Plan:
+def plan_graph(stages: Sequence[GraphStage], run_dir: Path, selection: Selection = Selection()) -> Plan:
     """Decide what runs; GraphError when a selected stage needs a left-out stage that is not fresh."""
     names = {s.name for s in stages}
     for s in stages:
@@ -214,21 +212,14 @@ def plan_graph(stages: Sequence[Stage], run_dir: Path, selection: Selection = Se
     return plan
 
 
-def format_plan(stages: Sequence[Stage], plan: Plan) -> str:
+def format_run_plan(stages: Sequence[GraphStage], plan: Plan) -> str:
     """A table: stage, action (run / resume / skip / —), why, what it does."""
     rows = []
     for s in stages:
         action = plan.action[s.name]
         shown = {"run": "resume" if plan.resume.get(s.name) else "run", "skip": "skip", "out": "—"}[action]
         rows.append((s.name, shown, plan.reason[s.name], s.detail))
-    return _table(("stage", "action", "why", "what"), rows)
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(f"{v!s:<{w}}" for v, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    head = "  ".join(f"{h:<{w}}" for h, w in zip(header, widths, strict=True)).rstrip()
-    return "\n".join([head, *lines])
+    return column_table(("stage", "action", "why", "what"), rows)
 
 
 # ------------------------------------------------------------------------------------------- execution
@@ -264,7 +255,7 @@ class _Lock:
         self.file.close()
 
 
-def _clean(stage: Stage, run_dir: Path) -> None:
+def _clean(stage: GraphStage, run_dir: Path) -> None:
     """Delete a stage's outputs before a run that does not resume; only paths inside the run directory."""
     root = Path(run_dir).resolve()
     for path in stage.outputs:
@@ -282,7 +273,7 @@ def _now() -> str:
 
 
 def run_graph(
-    stages: Sequence[Stage],
+    stages: Sequence[GraphStage],
     run_dir: Path,
     plan: Plan,
     log: Callable[[str], None] = print,
@@ -347,7 +338,7 @@ def _format_resources(resources: dict[str, float]) -> str:
 
 
 def _run_stage(
-    stage: Stage, run_dir: Path, resume: bool, finished: queue.Queue, log: Callable[[str], None]
+    stage: GraphStage, run_dir: Path, resume: bool, finished: queue.Queue, log: Callable[[str], None]
 ) -> None:
     records = {d: read_record(run_dir, d) for d in stage.deps}
     record: dict[str, Any] = {
@@ -437,4 +428,4 @@ def format_status(rows: list[dict[str, Any]]) -> str:
         seconds = "" if r["seconds"] is None else format_duration(r["seconds"])
         outputs = ", ".join(p + ("" if ok else " (missing)") for p, ok in r["outputs"])
         table.append((r["stage"], r["state"], seconds, r["finished"], outputs, r["note"]))
-    return _table(("stage", "state", "time", "finished", "outputs", "note"), table)
+    return column_table(("stage", "state", "time", "finished", "outputs", "note"), table)

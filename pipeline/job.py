@@ -42,7 +42,7 @@ from configs import (
     to_dict,
 )
 from configs.schema import PipelineConfig, PipelineTrainingConfig
-from pipeline.graph import Plan, Stage
+from pipeline.graph import GraphStage, Plan
 
 RENDERS = "renders"
 SHARDS = "shards"
@@ -68,7 +68,7 @@ def _run_config(items: Sequence[str], extra: Sequence[str], where: str) -> RunCo
         raise ConfigError(f"{where}: {err}") from None
 
 
-class Job:
+class PipelineJob:
     """The loaded, cross-checked configs of one pipeline run, and its stages."""
 
     def __init__(self, cfg: PipelineConfig, address: str | None = None, progress: bool = True) -> None:
@@ -146,15 +146,15 @@ class Job:
 
     # ------------------------------------------------------------------------------------------ stages
 
-    def stages(self) -> list[Stage]:
+    def stages(self) -> list[GraphStage]:
         """The graph, in topological order."""
-        from stages.train import plan as train_plan
+        from stages.train import training_plan
 
         cfg, out = self.cfg, self.out
-        stages: list[Stage] = []
+        stages: list[GraphStage] = []
         if not cfg.inputs:
             stages.append(
-                Stage(
+                GraphStage(
                     "synth",
                     (),
                     fingerprint(asdict(cfg.synth)),
@@ -164,7 +164,7 @@ class Job:
                 )
             )
         stages.append(
-            Stage(
+            GraphStage(
                 "preprocess",
                 ("synth",) if not cfg.inputs else (),
                 fingerprint({"config": to_dict(self.preprocess), "inputs": self.inputs}),
@@ -176,7 +176,7 @@ class Job:
         for name, run in self.trainings.items():
             t = cfg.trainings[name]
             stages.append(
-                Stage(
+                GraphStage(
                     f"train-{name}",
                     ("preprocess",),
                     fingerprint({"config": to_dict(run), "workers": t.workers}),
@@ -185,7 +185,7 @@ class Job:
                     f"{run.model.kind} model, {run.train.steps} steps, {t.workers} worker(s) → {out / name}",
                     resources=_training_resources(t),
                     # each worker's FLOPs, which bound the training's time: the longest starts first
-                    cost=run.train.steps * train_plan(run, 1)["flops_per_step"],
+                    cost=run.train.steps * training_plan(run, 1)["flops_per_step"],
                 )
             )
         trained = tuple(f"train-{name}" for name in self.trainings)
@@ -194,7 +194,7 @@ class Job:
             if cfg.render_precision != "fp32":  # fp32 runs keep the fingerprints they had before the option
                 settings["precision"] = cfg.render_precision
             stages.append(
-                Stage(
+                GraphStage(
                     "render",
                     trained,
                     fingerprint(settings),
@@ -204,7 +204,7 @@ class Job:
                 )
             )
         stages.append(
-            Stage(
+            GraphStage(
                 "report",
                 ("render",) if self.cascade is not None else trained,
                 fingerprint({"name": cfg.name}),

@@ -41,6 +41,8 @@ def _init(address: str | None, dashboard: bool, num_cpus: int | None) -> None:
 
 
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+"""The logger of Ray Train's placement-group cleaner (an internal module, named by its path: Ray has no
+public switch for its warnings); tests/unit/pipeline/test_ray_pins.py checks the name against Ray's."""
 
 
 def quiet_placement_group_cleaner() -> None:

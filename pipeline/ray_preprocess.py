@@ -1,7 +1,7 @@
 """Ray Data adapter for the preprocessing stage: shard tasks → a pool of actors → shard records.
 
-Each actor owns one killable decode process (`stages.decode_process`) and runs `process_shard`, the same
-function the local executor runs, so Ray only decides where the work happens. Everything reaches the
+Each actor owns one killable decode process (`stages.preprocess.DecodeProcess`) and runs `process_shard`,
+the same function the local executor runs, so Ray only decides where the work happens. Everything reaches the
 actors through arguments (the config dataclass), never through driver globals.
 """
 
@@ -15,17 +15,21 @@ from typing import Any
 
 from configs import RunConfig
 from pipeline.ray_cluster import ensure_ray
-from stages.discover import InputItem
-from stages.preprocess import Executor, ShardTask, caption_embedder, process_shard
+from stages.media import ClipSpec
+from stages.preprocess import (
+    DecodeProcess,
+    Executor,
+    InputItem,
+    ShardTask,
+    caption_embedder,
+    process_shard,
+)
 
 
 class _ShardWriter:
     """Ray Data actor: one decode process, many shards."""
 
     def __init__(self, cfg: RunConfig, out: str) -> None:
-        from stages.clips import ClipSpec
-        from stages.decode_process import DecodeProcess
-
         self.cfg = cfg
         self.out = Path(out)
         p = cfg.preprocess

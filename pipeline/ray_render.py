@@ -1,6 +1,6 @@
 """Ray adapter for rendering: one actor per cascade stage, batches submitted asynchronously.
 
-Each actor holds one `stages.render_stage.StageRunner` (the same class `--local` runs in-process), built
+Each actor holds one `stages.render.StageRunner` (the same class `--local` runs in-process), built
 from its `StageSpec` argument, so the weights load once per stage and stay on the actor's device. The
 driver's scheduler (`stages.render.schedule`) keeps at most one batch in flight per stage and collects
 whichever finishes first with `ray.wait`, so while the SSR actor works on prompt 0 the TSR actor can
@@ -18,8 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from pipeline.ray_cluster import ensure_ray
-from stages.render import ExecutorFactory
-from stages.render_stage import StageItem, StageRunner, StageSpec, timed_run
+from stages.render import ExecutorFactory, StageItem, StageRunner, StageSpec, timed_run
 
 
 class _StageActor:

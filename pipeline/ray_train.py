@@ -2,7 +2,7 @@
 
 Ray Train (the V2 API, Ray's default) starts one worker actor per rank, sets RANK / WORLD_SIZE /
 LOCAL_RANK / MASTER_ADDR / MASTER_PORT, initialises the torch process group (gloo on CPU, nccl on GPU)
-and calls our worker function in a thread of each actor; `stages.distributed.init_distributed()` then
+and calls our worker function in a thread of each actor; `stages.train.init_distributed()` then
 reuses that group.
 
 Failures: when a worker dies or raises, Ray Train tears the whole group down and starts a new one (up
@@ -37,6 +37,11 @@ from stages.train import NonFiniteError, TrainResult, train
 WAIT_FOR_RESOURCES_S = 7 * 24 * 3600
 """How long a training's workers wait for free resources before Ray Train gives up (unless
 RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S is set)."""
+RAY_TRAIN_V2 = "RAY_TRAIN_V2_ENABLED"
+"""Ray's switch between the Train V1 and V2 APIs: V2 unless it is set to anything but 1 or true."""
+WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Seconds Ray Train V2 waits for a worker group's resources. Ray reads this variable but exports no
+name for it; tests/unit/pipeline/test_ray_pins.py checks it against Ray's own constant."""
 
 WorkerFn = Callable[..., TrainResult]
 """`train`'s signature: `(cfg, *, resume, progress) -> TrainResult`."""
@@ -64,6 +69,12 @@ def _absolute(cfg: RunConfig) -> RunConfig:
         data=dataclasses.replace(cfg.data, shards=resolve(cfg.data.shards)),
         text=dataclasses.replace(cfg.text, t5_path=resolve(cfg.text.t5_path)),
     )
+
+
+def _v2_enabled() -> bool:
+    """Whether Ray Train runs its V2 API, read from the variable as Ray reads it."""
+    value = os.environ.get(RAY_TRAIN_V2)
+    return value is None or value.lower() in ("1", "true")
 
 
 def _mark_started() -> None:
@@ -124,13 +135,9 @@ def ray_train(
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2._internal.constants import (  # the switches ray.train itself reads
-        WORKER_GROUP_START_TIMEOUT_S_ENV_VAR,
-        is_v2_enabled,
-    )
 
-    if not is_v2_enabled():
-        raise RuntimeError("ray_train needs the Ray Train V2 API: unset RAY_TRAIN_V2_ENABLED=0")
+    if not _v2_enabled():
+        raise RuntimeError(f"ray_train needs the Ray Train V2 API: unset {RAY_TRAIN_V2}=0")
     if workers < 1 or cpus_per_worker < 1:
         raise ValueError(f"workers={workers}, cpus_per_worker={cpus_per_worker}: need at least 1 of each")
     if 0 < gpus_per_worker < 1 and workers > 1:
@@ -139,7 +146,7 @@ def ray_train(
         )
     # queue for the workers' resources (e.g. behind the other trainings of a pipeline) instead of
     # failing after Ray Train's default 60 s; the variable reaches the controller from this process
-    os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, str(WAIT_FOR_RESOURCES_S))
+    os.environ.setdefault(WORKER_GROUP_START_TIMEOUT, str(WAIT_FOR_RESOURCES_S))
     ensure_ray(address)
     cfg = _absolute(cfg)
     use_gpu = gpus_per_worker > 0

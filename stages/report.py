@@ -27,10 +27,12 @@ from urllib.parse import quote
 
 import numpy as np
 
-from stages.media_out import atomic_path, contact_sheet, frame_indices
-from stages.metrics import METRICS_FILE
-from stages.render_output import SIDECAR, load_video_tensor, read_json, video_frames
-from stages.synth_check import Description, compare, describe, parse_caption
+from stages.atomic import write_text
+from stages.media import contact_sheet, frame_indices
+from stages.render import SIDECAR, load_video_tensor, read_json, video_frames
+from stages.synth import Description, compare, describe, parse_caption
+from stages.tables import format_duration
+from stages.train import METRICS_FILE
 
 INDEX = "index.html"
 SHEET = "contact_sheet.png"
@@ -206,7 +208,7 @@ def read_prompt(job_dir: Path) -> PromptView | None:
     return view
 
 
-def read_prompts(render_dir: Path) -> tuple[list[PromptView], int]:
+def read_rendered_prompts(render_dir: Path) -> tuple[list[PromptView], int]:
     """Finished prompts of a render sorted by index, and how many prompt folders were unfinished."""
     views, unfinished = [], 0
     folders = sorted(p for p in Path(render_dir).iterdir() if p.is_dir()) if Path(render_dir).is_dir() else []
@@ -266,18 +268,6 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
 def loss_points(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
     """(step, loss) of the records with a finite loss (skipped steps log null)."""
     return [(r["step"], float(r["loss"])) for r in records if _is_number(r.get("loss"))]
-
-
-def format_duration(seconds: float) -> str:
-    """A wall time as `45s`, `3m 12s` or `2h 05m 09s`."""
-    total = max(0, round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m {secs:02d}s"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -519,7 +509,7 @@ def write_report(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    prompts, unfinished = read_prompts(Path(render_dir))
+    prompts, unfinished = read_rendered_prompts(Path(render_dir))
     adherence = count_adherence(prompts)
     sheet = write_overall_sheet(prompts, run_dir)
     views = [TrainingView(name, read_metrics(Path(out_dir))) for name, out_dir in trainings.items()]
@@ -534,6 +524,5 @@ def write_report(
         configs=configs,
     )
     path = run_dir / INDEX
-    with atomic_path(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    write_text(path, page)
     return ReportSummary(path=path, sheet=sheet, prompts=len(prompts), adherence=adherence)

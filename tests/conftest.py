@@ -1,9 +1,50 @@
-"""Fixtures shared by unit and integration tests."""
+"""Fixtures shared by unit and integration tests: the shared test media and a tiny local T5."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
+
+from stages.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from tests import ROOT
+
+MEDIA = Path(os.environ.get("TESSERA_MEDIA", ROOT.parent / "shared" / "media"))
+"""The shared test media (real clips and photos, see its MANIFEST.md): $TESSERA_MEDIA, else
+../shared/media beside the repository."""
+NO_MEDIA = f"shared test media not found at {MEDIA} (set TESSERA_MEDIA to the media folder)"
+
+
+@pytest.fixture
+def media() -> Callable[..., Path]:
+    """`media()` is the shared media folder and `media(name)` one file in it; either skips the test,
+    naming what is missing, where the folder or the file is absent."""
+
+    def lookup(name: str = "") -> Path:
+        if not MEDIA.is_dir():
+            pytest.skip(NO_MEDIA)
+        path = MEDIA / name
+        if not path.exists():
+            pytest.skip(f"{name} missing from {MEDIA}")
+        return path
+
+    return lookup
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test taking `media_name` runs once per video and image of the shared media (skipped with the
+    reason when the folder is absent)."""
+    if "media_name" not in metafunc.fixturenames:
+        return
+    if not MEDIA.is_dir():
+        metafunc.parametrize("media_name", [pytest.param(None, marks=pytest.mark.skip(reason=NO_MEDIA))])
+        return
+    kinds = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+    names = sorted(p.name for p in MEDIA.iterdir() if p.suffix.lower().lstrip(".") in kinds)
+    metafunc.parametrize("media_name", names)
 
 
 @pytest.fixture

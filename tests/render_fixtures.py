@@ -1,8 +1,8 @@
 """Tiny "trained" cascade checkpoints for rendering tests, written by hand instead of by training.
 
-A committed step directory holds what `stages/train.py` writes: `config.yaml` (the full run config),
-`exported/config.yaml` + `exported/ema.safetensors` (the DiT), `exported/ema_text.safetensors` (the
-byte text encoder) and the `COMMITTED` marker. The models are freshly initialised, except that the
+A committed step directory holds what training writes (`stages.artifacts`): `config.yaml` (the full run
+config), the EMA weights of the DiT and the byte text encoder exported beside it, and the `COMMITTED`
+marker. The models are freshly initialised, except that the
 zero-initialised output layers get small random weights, so outputs depend on every input (noise,
 text, conditioning) as a trained model's would.
 """
@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from configs import dump_config, load_config
 from models.dit import VideoDiT
 from models.text import ByteTextEncoder
+from stages.artifacts import MARKER, export_weights, step_dir
 
 STEPS = 2
 """Sampler steps of every test stage."""
@@ -64,8 +64,8 @@ def make_checkpoint(
             f"train.out_dir={out_dir}",
         ],
     )
-    step = Path(out_dir) / "checkpoints" / "step_00000010"
-    (step / "exported").mkdir(parents=True, exist_ok=True)
+    step = step_dir(out_dir, 10)
+    step.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, step / "config.yaml")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -74,12 +74,10 @@ def make_checkpoint(
         for layer in (model.final_modulation, model.final):
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.05)
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.05)
-    model.save_pretrained(step / "exported", "ema.safetensors")
-    t = cfg.text
-    text = ByteTextEncoder(dim=t.width, depth=t.depth, heads=t.heads, max_length=t.max_length)
-    state = {k: v.detach().contiguous() for k, v in text.state_dict().items()}
-    save_file(state, step / "exported" / "ema_text.safetensors", metadata={"format": "pt"})
-    (step / "COMMITTED").write_text("10\n")
+    modules = {"dit": model, "text": ByteTextEncoder.from_config(cfg.text)}
+    state = {f"{m}.{k}": v for m, module in modules.items() for k, v in module.state_dict().items()}
+    export_weights(step, cfg, {"ema": state})
+    (step / MARKER).write_text("10\n")
     return Path(out_dir)
 
 

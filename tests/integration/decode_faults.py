@@ -10,8 +10,8 @@ import os
 import time
 from pathlib import Path
 
-from stages.clips import ClipSpec
-from stages.decode import Clip, decode_file
+from stages.media.clips import ClipSpec
+from stages.media.decode import Clip, decode_file
 
 
 def misbehaving_decode(path: Path, spec: ClipSpec) -> list[Clip]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from configs import RunConfig
-from stages import checkpoint
+from stages import artifacts
 from stages.train import TrainResult, train
 
 KILL_RECORD = "killed.json"
@@ -24,9 +24,9 @@ KILL_RECORD = "killed.json"
 
 
 def _kill_after_first_checkpoint(out: Path) -> None:
-    while not checkpoint.committed(out):
+    while not artifacts.committed(out):
         time.sleep(0.02)
-    record = {"time": time.time(), "committed": [d.name for d in checkpoint.committed(out)]}
+    record = {"time": time.time(), "committed": [d.name for d in artifacts.committed(out)]}
     (out / KILL_RECORD).write_text(json.dumps(record))
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -7,9 +7,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from stages.clips import ClipSpec
-from stages.decode_process import DecodeFailure, DecodeProcess
-from stages.discover import InputItem
+from stages.media.clips import ClipSpec
+from stages.preprocess import DecodeFailure, DecodeProcess, InputItem
 from tests.integration.decode_faults import misbehaving_decode
 
 SPEC = ClipSpec(

@@ -16,7 +16,7 @@ from configs import load_config
 from models.dit import VideoDiT
 from pipeline.cli import main
 from pipeline.graph import read_record, status_rows
-from stages.checkpoint import resolve_committed
+from stages.artifacts import resolve_committed
 
 pytestmark = pytest.mark.integration
 

@@ -12,17 +12,15 @@ from pathlib import Path
 
 import av
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from configs import load_config
-from stages.preprocess import local_executor, run_preprocess
+from stages.preprocess import local_shard_executor, run_preprocess
 from stages.shards import decode_sample, read_shard, sha256_file
 from stages.synth import run_synth
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-MEDIA = Path(os.environ.get("TESSERA_MEDIA", ROOT.parent / "shared" / "media"))
 SMALL = ["data.frames=4", "data.height=16", "data.width=16", "data.fps=4", "model.patch_size=[1,4,4]"]
 
 
@@ -56,18 +54,15 @@ def _check_accounting(out: Path, manifest: dict) -> list[dict]:
     return failures
 
 
-@pytest.mark.skipif(
-    not MEDIA.is_dir(), reason=f"shared media folder not found at {MEDIA} (set TESSERA_MEDIA)"
-)
-def test_every_shared_media_file_produces_samples(tmp_path):
+def test_every_shared_media_file_produces_samples(media, tmp_path):
     out = tmp_path / "out"
-    manifest = run_preprocess(_cfg(out, "preprocess.workers=2"), [str(MEDIA)], progress=False)
-    media = [p for p in MEDIA.iterdir() if p.suffix.lower() not in (".md",)]
-    assert manifest["discovered"] == len(media)
+    manifest = run_preprocess(_cfg(out, "preprocess.workers=2"), [str(media())], progress=False)
+    files = [p for p in media().iterdir() if p.suffix.lower() not in (".md",)]
+    assert manifest["discovered"] == len(files)
     failures = _check_accounting(out, manifest)
-    assert failures == [] and manifest["processed"] == len(media)
+    assert failures == [] and manifest["processed"] == len(files)
     sources = {json.loads(line)["source"] for line in (out / "lineage.jsonl").read_text().splitlines()}
-    assert sources == {str(p.resolve()) for p in media}
+    assert sources == {str(p.resolve()) for p in files}
     sample = decode_sample(next(read_shard(out / "shards" / manifest["shards"][0]["name"])))
     assert sample.frames.dtype.is_floating_point is False and sample.frames.shape[0] == 3
 
@@ -209,7 +204,7 @@ def test_ray_data_job_equals_the_local_job(tmp_path):
     local = run_preprocess(
         load_config(overrides=[*args, f"preprocess.out={tmp_path / 'local'}"]),
         [str(tmp_path / "in")],
-        executor=local_executor,
+        executor=local_shard_executor,
         progress=False,
     )
     on_ray = run_preprocess(
@@ -236,13 +231,13 @@ def test_dry_run_lists_and_counts(tmp_path, capsys):
 
 def test_precomputed_t5_embeddings_reach_the_loader(tmp_path, tiny_t5_dir):
     from models.text import T5TextEncoder
-    from stages.data import loader_from_config
+    from stages.shards.loader import loader_from_config
 
     t5_path, _, _ = tiny_t5_dir
     _synth_inputs(tmp_path / "in", count=6)
     text = ["text.encoder=t5", f"text.t5_path={t5_path}", "text.max_length=48"]
     cfg = _cfg(tmp_path / "out", *text, "preprocess.text_embeddings=true", "preprocess.workers=1")
-    manifest = run_preprocess(cfg, [str(tmp_path / "in")], executor=local_executor, progress=False)
+    manifest = run_preprocess(cfg, [str(tmp_path / "in")], executor=local_shard_executor, progress=False)
     assert manifest["samples"] > 0 and manifest["failed"] == 0
     plain = run_preprocess(_cfg(tmp_path / "plain"), [str(tmp_path / "in")], progress=False)
     assert plain["fingerprint"] != manifest["fingerprint"]  # embeddings are part of what a rerun reuses

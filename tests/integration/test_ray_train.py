@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from configs import load_config
 from pipeline.ray_cluster import ensure_ray
 from pipeline.ray_train import ray_train
-from stages import checkpoint
+from stages import artifacts
 from stages.train import NonFiniteError
+from tests import ROOT
 from tests.integration.ray_train_faults import KILL_RECORD, train_then_die_once, train_with_nan_losses
 from tests.integration.training_data import GEOMETRY, make_training_shards
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 8, 4
 
 pytestmark = pytest.mark.integration
@@ -92,8 +92,8 @@ def test_local_ray_workers_drop_the_placement_group_cleaner_warnings(ray_session
 
 def test_two_workers_train_to_the_end_with_committed_checkpoints(uninterrupted):
     out, result = uninterrupted
-    assert result.step == STEPS and result.checkpoint == checkpoint.step_dir(out, STEPS)
-    assert checkpoint.committed(out) == [checkpoint.step_dir(out, s) for s in range(EVERY, STEPS + 1, EVERY)]
+    assert result.step == STEPS and result.checkpoint == artifacts.step_dir(out, STEPS)
+    assert artifacts.committed(out) == [artifacts.step_dir(out, s) for s in range(EVERY, STEPS + 1, EVERY)]
     meta = json.loads((result.checkpoint / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["zero_stage"] == 2
     assert sorted(p.name for p in result.checkpoint.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
@@ -111,7 +111,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(
     result = ray_train(_cfg(shards, out), resume="none", workers=2, worker_fn=train_then_die_once)
     killed = json.loads((out / KILL_RECORD).read_text())
     assert killed["committed"] == ["step_00000004"], "rank 1 should die mid-run, after the first checkpoint"
-    assert result.step == STEPS and result.checkpoint == checkpoint.step_dir(out, STEPS)
+    assert result.step == STEPS and result.checkpoint == artifacts.step_dir(out, STEPS)
     # Steps before the checkpoint keep their lines from the first attempt; the restarted group resumed
     # there (a fresh start would have rewritten every line after the kill).
     lines = _lines(out)
@@ -120,7 +120,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(
     assert _losses(out) == _losses(ref_out)
     ours, ref = (
         load_file(d / "exported" / "ema.safetensors")
-        for d in (result.checkpoint, checkpoint.step_dir(ref_out, STEPS))
+        for d in (result.checkpoint, artifacts.step_dir(ref_out, STEPS))
     )
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
     # one attempt marker: the restarted attempt saw it and did not report another
@@ -131,4 +131,4 @@ def test_non_finite_losses_stop_the_run_without_retries(ray_session, shards, tmp
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError, match="2 non-finite steps in a row"):
         ray_train(_cfg(shards, out, "train.max_bad_steps=2"), workers=2, worker_fn=train_with_nan_losses)
-    assert checkpoint.committed(out) == []
+    assert artifacts.committed(out) == []

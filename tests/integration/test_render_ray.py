@@ -9,7 +9,7 @@ from configs import RenderConfig, load_cascade
 from pipeline.ray_cluster import ensure_ray
 from pipeline.ray_render import ray_executor
 from stages.render import render
-from stages.render_output import load_video_tensor, read_json
+from stages.render.output import load_video_tensor, read_json
 from tests.render_fixtures import VIDEO_STAGES, build_cascade
 
 pytestmark = pytest.mark.integration

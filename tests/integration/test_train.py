@@ -18,11 +18,10 @@ from safetensors.torch import load_file
 
 from configs import load_config
 from models.dit import VideoDiT
-from stages import checkpoint
-from stages.train import NonFiniteError, train
+from stages import artifacts
+from stages.train import NonFiniteError, checkpoint, train
+from tests import ROOT
 from tests.integration.training_data import GEOMETRY, make_training_shards
-
-ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
@@ -67,8 +66,8 @@ def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 def _fixed_eval_loss(cfg, directory: Path | None) -> float:
     """v-loss of the initial weights (directory None: same seed, same init) or of a checkpoint's exported
     weights, on 8 fixed samples at fixed times and noise: a learning check free of batch noise."""
-    from stages.data import loader_from_config
-    from stages.train import DiffusionTrainer
+    from stages.shards.loader import loader_from_config
+    from stages.train.trainer import DiffusionTrainer
 
     torch.manual_seed(cfg.train.seed)
     module = DiffusionTrainer(cfg).eval()
@@ -131,7 +130,7 @@ def test_two_process_zero_run_learns(shards, tmp_path, zero):
     assert "world size         2" in output and f"ZeRO stage         {zero}" in output
     losses = [v for _, v in sorted(_losses(out).items())]
     assert len(losses) == 60 and all(np.isfinite(losses))
-    final = checkpoint.committed(out)[-1]
+    final = artifacts.committed(out)[-1]
     cfg = _cfg(shards, out)
     before, after = _fixed_eval_loss(cfg, None), _fixed_eval_loss(cfg, final)
     assert after < 0.85 * before, (before, after)  # deterministic: same batch, times and noise
@@ -172,7 +171,7 @@ LEAVE = """
 import sys
 import torch
 import torch.distributed as dist
-from stages.distributed import init_distributed, leave_distributed
+from stages.train import init_distributed, leave_distributed
 
 rank, world, _ = init_distributed()
 total = torch.ones(1)
@@ -225,17 +224,17 @@ def test_kill_after_a_checkpoint_then_resume_reproduces_the_run(shards, tmp_path
         threads=torch.get_num_threads(),
     )
     deadline = time.monotonic() + 300
-    while not (checkpoint.step_dir(out, 4) / checkpoint.MARKER).exists() and time.monotonic() < deadline:
+    while not (artifacts.step_dir(out, 4) / artifacts.MARKER).exists() and time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before its first checkpoint"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (checkpoint.step_dir(out, 8) / checkpoint.MARKER).exists(), "the kill should land mid-run"
+    assert not (artifacts.step_dir(out, 8) / artifacts.MARKER).exists(), "the kill should land mid-run"
 
     result = train(_cfg(shards, out, "train.steps=8", "train.checkpoint_every=4"), progress=False)
     assert result.step == 8 and result.losses == ref.losses[4:]
     assert _losses(out) == _losses(ref_out)  # the metrics log has every step once, same values
-    final, ref_final = checkpoint.step_dir(out, 8), checkpoint.step_dir(ref_out, 8)
+    final, ref_final = artifacts.step_dir(out, 8), artifacts.step_dir(ref_out, 8)
     for name in ("model", "ema", "model_text", "ema_text"):
         assert _same_weights(_weights(final, name), _weights(ref_final, name)), name
 
@@ -244,16 +243,16 @@ def test_a_save_without_its_commit_marker_is_never_resumed_from(shards, tmp_path
     ref_out, _ = reference
     out = tmp_path / "run"
     train(_cfg(shards, out, "train.steps=8", "train.checkpoint_every=4"), progress=False)
-    (checkpoint.step_dir(out, 8) / checkpoint.MARKER).unlink()  # as if the job died while saving step 8
-    (checkpoint.step_dir(out, 8) / "rank_00000.pt").write_bytes(b"torn")
-    assert checkpoint.resolve_resume(out, "auto") == checkpoint.step_dir(out, 4)
+    (artifacts.step_dir(out, 8) / artifacts.MARKER).unlink()  # as if the job died while saving step 8
+    (artifacts.step_dir(out, 8) / "rank_00000.pt").write_bytes(b"torn")
+    assert checkpoint.resolve_resume(out, "auto") == artifacts.step_dir(out, 4)
     with pytest.raises(ValueError, match="not a committed checkpoint"):
-        checkpoint.resolve_resume(out, str(checkpoint.step_dir(out, 8)))
+        checkpoint.resolve_resume(out, str(artifacts.step_dir(out, 8)))
 
     result = train(_cfg(shards, out, "train.steps=8", "train.checkpoint_every=4"), progress=False)
-    assert result.step == 8 and (checkpoint.step_dir(out, 8) / checkpoint.MARKER).exists()
+    assert result.step == 8 and (artifacts.step_dir(out, 8) / artifacts.MARKER).exists()
     assert _same_weights(
-        _weights(checkpoint.step_dir(out, 8), "ema"), _weights(checkpoint.step_dir(ref_out, 8), "ema")
+        _weights(artifacts.step_dir(out, 8), "ema"), _weights(artifacts.step_dir(ref_out, 8), "ema")
     )
 
 
@@ -262,8 +261,8 @@ def test_only_the_last_committed_checkpoints_are_kept(shards, tmp_path):
         shards, tmp_path / "run", "train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=2"
     )
     train(cfg, progress=False)
-    assert [d.name for d in checkpoint.committed(tmp_path / "run")] == ["step_00000004", "step_00000005"]
-    assert sorted(p.name for p in checkpoint.checkpoint_root(tmp_path / "run").iterdir()) == [
+    assert [d.name for d in artifacts.committed(tmp_path / "run")] == ["step_00000004", "step_00000005"]
+    assert sorted(p.name for p in artifacts.checkpoint_root(tmp_path / "run").iterdir()) == [
         "step_00000004",
         "step_00000005",
     ]
@@ -272,9 +271,9 @@ def test_only_the_last_committed_checkpoints_are_kept(shards, tmp_path):
 def test_a_corrupt_committed_checkpoint_is_reported_not_replaced(shards, tmp_path, reference):
     ref_out, _ = reference
     out = tmp_path / "run"
-    checkpoint_copy = checkpoint.step_dir(out, 4)
+    checkpoint_copy = artifacts.step_dir(out, 4)
     checkpoint_copy.parent.mkdir(parents=True)
-    subprocess.run(["cp", "-r", str(checkpoint.step_dir(ref_out, 4)), str(checkpoint_copy)], check=True)
+    subprocess.run(["cp", "-r", str(artifacts.step_dir(ref_out, 4)), str(checkpoint_copy)], check=True)
     (checkpoint_copy / "rank_00000.pt").unlink()
     with pytest.raises(ValueError, match=r"missing rank_00000\.pt; the checkpoint is corrupt"):
         train(_cfg(shards, out, "train.steps=8", "train.checkpoint_every=4"), progress=False)
@@ -289,7 +288,7 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_weights_alone(shards, tmp_p
     assert skipped.skipped == 1 and np.isnan(skipped.losses[2]) and np.isfinite(skipped.losses[:2]).all()
     plain = train(_cfg(shards, tmp_path / "b", "train.steps=2", *common), progress=False)
     assert plain.losses == skipped.losses[:2]
-    a, b = checkpoint.step_dir(tmp_path / "a", 3), checkpoint.step_dir(tmp_path / "b", 2)
+    a, b = artifacts.step_dir(tmp_path / "a", 3), artifacts.step_dir(tmp_path / "b", 2)
     for name in ("model", "ema"):
         assert _same_weights(_weights(a, name), _weights(b, name)), name
     assert json.loads(_last_line(tmp_path / "a" / "metrics.jsonl"))["skipped_total"] == 1
@@ -301,7 +300,7 @@ def test_non_finite_steps_in_a_row_abort_without_a_checkpoint(shards, tmp_path):
     )
     with pytest.raises(NonFiniteError, match="3 non-finite steps in a row"):
         train(cfg, progress=False, fault=lambda step: True)
-    saved = checkpoint.committed(tmp_path / "run")  # step 2 was reached (two skipped steps)
+    saved = artifacts.committed(tmp_path / "run")  # step 2 was reached (two skipped steps)
     assert [d.name for d in saved] == ["step_00000002"]
     assert all(torch.isfinite(v).all() for v in _weights(saved[0], "model").values())
 
@@ -314,7 +313,7 @@ def test_steps_settled_on_the_next_sync_match_steps_settled_at_once(shards, tmp_
     whose gradient norm comes back infinite (injected at step 3; DeepSpeed applied that step)."""
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    import stages.train as train_module
+    import stages.train.loop as train_module
 
     real_norm, real_nonfinite = DeepSpeedEngine.get_global_grad_norm, train_module.nonfinite
 
@@ -345,7 +344,7 @@ def test_steps_settled_on_the_next_sync_match_steps_settled_at_once(shards, tmp_
 
     assert at_once.skipped == deferred.skipped == 1 and np.isnan(deferred.losses[2])
     assert np.array_equal(at_once.losses, deferred.losses, equal_nan=True)
-    final1, final4 = checkpoint.step_dir(out1, 8), checkpoint.step_dir(out4, 8)
+    final1, final4 = artifacts.step_dir(out1, 8), artifacts.step_dir(out4, 8)
     for name in ("model", "ema", "model_text", "ema_text"):
         assert _same_weights(_weights(final1, name), _weights(final4, name)), name
 
@@ -384,7 +383,7 @@ def test_sigterm_checkpoints_and_exits_zero(shards, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    (saved,) = checkpoint.committed(out)
+    (saved,) = artifacts.committed(out)
     step = int(saved.name.removeprefix("step_"))
     assert step >= 3 and f"stopped by SIGTERM at step {step}" in err
 

@@ -14,9 +14,9 @@ from configs import load_config
 from models.dit import VideoDiT
 from models.superres import degrade
 from models.text import ByteTextEncoder
-from stages.data import loader_from_config
 from stages.preprocess import run_preprocess
 from stages.sampling import generate
+from stages.shards.loader import loader_from_config
 from stages.synth import run_synth
 from stages.train import train
 

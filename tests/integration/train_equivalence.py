@@ -16,9 +16,9 @@ from deepspeed.utils import safe_get_full_grad
 from safetensors.torch import save_file
 
 from configs import load_config
-from stages.distributed import init_distributed, leave_distributed
-from stages.parallelize import deepspeed_config
-from stages.train import DiffusionTrainer
+from stages.train import init_distributed, leave_distributed
+from stages.train.parallelize import deepspeed_config
+from stages.train.trainer import DiffusionTrainer
 
 GLOBAL_BATCH = 4
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.media_out import contact_sheet
-from stages.render_output import (
+from stages.media import contact_sheet
+from stages.render.output import (
     SIDECAR,
     prompt_dir,
     save_video_tensor,
@@ -24,8 +24,9 @@ from stages.render_output import (
     write_json,
     write_media,
 )
-from stages.report import format_duration, loss_chart, write_report
+from stages.report import loss_chart, write_report
 from stages.synth import COLORS, plan_items, render_video
+from stages.tables import format_duration
 
 SIZE, FRAMES, FPS = 32, 8, 4.0
 ODD_PROMPT = "a <b>bold</b> & friends"

@@ -1,0 +1,179 @@
+"""What rendering a cascade will cost, stage by stage, without loading any weights (`render --plan`).
+
+Each stage's model config comes from its checkpoint's `config.yaml` when the checkpoint is committed,
+else from the stage's `model` block (with the stage's kind and factor). Counts per stage: parameters,
+patch tokens, forward FLOPs per sampling step (models/flops.py; doubled under classifier-free guidance,
+which runs a conditional and an unconditional pass), FLOPs of the whole stage, and a rough memory
+estimate (see `memory_bytes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from configs import (
+    CascadeConfig,
+    CascadeStageConfig,
+    ModelConfig,
+    TextConfig,
+    check_stage_model,
+    load_config,
+    stage_factor,
+    validate_cascade,
+)
+from models.flops import forward_flops, parameter_count, token_grid
+from stages.artifacts import resolve_committed
+
+BYTES_FP32 = 4
+
+
+def _stage_model(cascade: CascadeConfig, index: int, factor: int) -> tuple[ModelConfig, int, str]:
+    """(model config, text tokens, source): the committed checkpoint's config when there is one."""
+    stage = cascade.stages[index]
+    step: Path | None = None
+    if stage.checkpoint:
+        try:
+            step = resolve_committed(stage.checkpoint, f"stage '{stage.name}' checkpoint")
+        except FileNotFoundError:
+            step = None  # not trained yet: plan from the stage's model block
+    if step is None:
+        sr_factor = stage.model.sr_factor if stage.kind == "base" else factor  # unused by a base model
+        model = dataclasses.replace(stage.model, kind=stage.kind, sr_factor=sr_factor)
+        return model, TextConfig().max_length, "config"
+    run = load_config([step / "config.yaml"])
+    check_stage_model(cascade, index, run.model, f"stage '{stage.name}' (checkpoint {step})")
+    return run.model, run.text.max_length, str(step)
+
+
+def uses_guidance(stage: CascadeStageConfig) -> bool:
+    """Classifier-free guidance is on (two forward passes per step) unless the weight is constantly 1."""
+    return stage.guidance_scale != 1.0 or stage.guidance_schedule == "oscillating"
+
+
+def memory_bytes(model: ModelConfig, params: int, grid: tuple[int, int, int], batch: int) -> int:
+    """Rough peak memory of one sampling forward of `batch` videos (already doubled for guidance).
+
+    fp32 weights (4·P bytes) plus the peak activations of one transformer block, sampling keeping no
+    autograd state: the residual stream and its normalized copy (2·N·D), plus the larger of the MLP
+    hidden (N·mlp_ratio·D) and q, k, v and the attention output (4·N·D), all fp32, for N = T'·H'·W'
+    tokens per video. Attention is assumed to run in fused kernels (xformers / SDPA flash or
+    memory-efficient, what `auto` picks on GPUs), which never hold a score matrix; with
+    `attention_backend: naive` the largest score matrix of one kernel call is added: heads·S² per frame
+    for spatial attention, heads·T'² per position for temporal, over at most `attention_max_batch` rows.
+    The text encoder, the sampler's few copies of the video and allocator overhead are not counted.
+    """
+    tp, hp, wp = grid
+    s, n, d = hp * wp, tp * hp * wp, model.width
+    block = batch * n * (2 * d + max(int(d * model.mlp_ratio), 4 * d))
+    scores = 0
+    if model.attention_backend == "naive":
+        spatial = min(batch * tp, model.attention_max_batch) * s * s
+        temporal = min(batch * s, model.attention_max_batch) * tp * tp if model.temporal_layers else 0
+        scores = model.heads * max(spatial, temporal)
+    return BYTES_FP32 * (params + block + scores)
+
+
+def plan_cascade(cascade: CascadeConfig, batch_size: int = 1) -> list[dict[str, Any]]:
+    """One JSON-serializable row per stage: shapes, sampler settings, model source and size, tokens,
+    FLOPs and memory for rendering `batch_size` videos. No weights are loaded."""
+    validate_cascade(cascade)
+    rows: list[dict[str, Any]] = []
+    prev: CascadeStageConfig | None = None
+    for index, stage in enumerate(cascade.stages):
+        factor = stage_factor(prev, stage)
+        model, text_tokens, source = _stage_model(cascade, index, factor)
+        grid = token_grid(model, stage.frames, stage.height, stage.width)  # patches checked on loading
+        passes = 2 if uses_guidance(stage) else 1
+        per_step = passes * forward_flops(model, stage.frames, stage.height, stage.width, text_tokens).total
+        params = parameter_count(model)
+        rows.append(
+            {
+                "name": stage.name,
+                "kind": stage.kind,
+                "factor": factor,
+                "input": None
+                if prev is None
+                else {"frames": prev.frames, "height": prev.height, "width": prev.width, "fps": prev.fps},
+                "frames": stage.frames,
+                "height": stage.height,
+                "width": stage.width,
+                "fps": stage.fps,
+                "sampler": stage.sampler,
+                "steps": stage.steps,
+                "guidance_scale": stage.guidance_scale,
+                "guidance_schedule": stage.guidance_schedule,
+                "guidance_low": stage.guidance_low,
+                "cond_aug_level": stage.cond_aug_level,
+                "checkpoint": stage.checkpoint,
+                "model_source": source,
+                "parameters": params,
+                "tokens": grid[0] * grid[1] * grid[2],
+                "flops_per_step": per_step,
+                "flops": per_step * stage.steps * batch_size,
+                "memory_gib": memory_bytes(model, params, grid, batch_size * passes) / 2**30,
+            }
+        )
+        prev = stage
+    return rows
+
+
+def _shape(d: dict[str, Any]) -> str:
+    return f"{d['frames']}×{d['height']}×{d['width']}@{d['fps']:g}"
+
+
+def _guidance(row: dict[str, Any]) -> str:
+    if row["guidance_schedule"] == "oscillating":
+        return f"{row['guidance_scale']:g}/{row['guidance_low']:g} osc"
+    return f"{row['guidance_scale']:g}"
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_cascade_plan(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table of `plan_cascade` rows plus a total line (memory total = every stage resident
+    at once, as in the pipelined renderer with one actor per stage)."""
+    header = ("stage", "kind", "input → output (T×H×W@fps)", "steps", "guidance", "params", "GFLOPs", "GiB")
+    table = [header]
+    for row in rows:
+        source = "-" if row["input"] is None else _shape(row["input"])
+        kind = row["kind"] if row["kind"] == "base" else f"{row['kind']}×{row['factor']}"
+        table.append(
+            (
+                row["name"],
+                kind,
+                f"{source} → {_shape(row)}",
+                str(row["steps"]),
+                _guidance(row),
+                _count(row["parameters"]),
+                f"{row['flops'] / 1e9:,.1f}",
+                f"{row['memory_gib']:.2f}",
+            )
+        )
+    table.append(
+        (
+            "total",
+            "",
+            "",
+            str(sum(r["steps"] for r in rows)),
+            "",
+            _count(sum(r["parameters"] for r in rows)),
+            f"{sum(r['flops'] for r in rows) / 1e9:,.1f}",
+            f"{sum(r['memory_gib'] for r in rows):.2f}",
+        )
+    )
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    left = {0, 1, 2, 4}
+
+    def fmt(line: tuple[str, ...]) -> str:
+        cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(table[0]), rule, *(fmt(line) for line in table[1:-1]), rule, fmt(table[-1])])

@@ -1,0 +1,578 @@
+"""Training data loader: streams patch shards into same-shape micro-batches that resume exactly.
+
+Per (rank, DataLoader worker) — a *logical worker* g = rank·W + w of G = world_size·W — the stream is
+
+    shards of epoch e (eval: sorted[g::G]; train: permutation(seed, e)[g::G], disjoint across workers)
+    → webdataset tar streaming → one sub-stream per kind (videos, images)
+    → shuffle buffer seeded by (seed, e, rank, w, kind), drained at the end of the worker's epoch
+    → shape buckets (bounded pending samples) → batch of lightweight records
+    → kind of the n-th batch drawn from (seed, rank, w, n) with P(images) = image_fraction
+    → decode (`stages.shards.format.decode_sample`) only for the batches actually yielded.
+
+Everything is a pure function of (seed, rank, world size, W, shard list) and the per-worker position
+{batches, video: [epoch, batch-in-epoch], images: [epoch, batch-in-epoch]}. Every batch carries its
+worker's position after it; the main process keeps the latest one per worker plus the last worker
+served, which is all `ShardLoader.state_dict` needs. Resuming replays only the current epoch of each
+sub-stream, reading the JSON members to rebuild buckets but decoding no patch arrays, and rotates the
+worker ids so torch's round-robin continues with the worker that was next.
+
+Safety: webdataset's automatic decoding is never used (its default handlers unpickle), samples are
+decoded by `decode_sample` (no pickle, header-checked `.npy`), and `pipe:` URLs — which run a shell —
+are refused unless `allow_pipe=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from configs.schema import RunConfig
+from stages.shards.format import decode_meta, decode_sample, iter_tar_samples
+
+STREAMS = ("video", "images")
+"""Sub-stream names; "images" carries samples of kind "image", packed into video-shaped items."""
+_STREAM_KIND = {"video": "video", "images": "image"}
+_STREAM_ID = {"video": 0, "images": 1}
+_MIX_ID = 2  # seeds the per-batch choice of kind, apart from the two shuffle streams
+STATE_FORMAT = 1
+
+# --------------------------------------------------------------------------------------------------
+# Shard lists and safe opening
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_shards(source: str | os.PathLike | Sequence[str], allow_pipe: bool = False) -> list[str]:
+    """Shard URLs from a directory (DIR/shards/*.tar, else DIR/*.tar, sorted), a brace pattern or a list.
+
+    Local shards must exist; a `pipe:` URL (also one produced by webdataset's GOPEN_REWRITE) raises
+    ValueError unless `allow_pipe` is True.
+    """
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        folder = Path(source) / "shards" if (Path(source) / "shards").is_dir() else Path(source)
+        urls = sorted(str(p) for p in folder.glob("*.tar"))
+        if not urls:
+            raise ValueError(f"no shards (*.tar) in {folder}")
+    elif isinstance(source, (str, os.PathLike)):
+        urls = list(braceexpand.braceexpand(os.fspath(source)))
+    else:
+        urls = [os.fspath(u) for u in source]
+    if not urls:
+        raise ValueError("no shard URLs given")
+    for url in urls:
+        _check_url(url, allow_pipe)
+    return urls
+
+
+def _check_url(url: str, allow_pipe: bool) -> None:
+    effective = wds.gopen.rewrite_url(url) if "GOPEN_REWRITE" in os.environ else url
+    if not allow_pipe and (url.startswith("pipe:") or effective.startswith("pipe:")):
+        raise ValueError(
+            f"shard URL {url!r} runs a shell command (pipe:); pass allow_pipe=True only for trusted configs"
+        )
+    if url == "-":
+        raise ValueError("shard URL '-' (stdin) is not supported")
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file"):
+        path = url2pathname(urlparse(url).path) if scheme == "file" else url
+        if not Path(path).is_file():
+            raise ValueError(f"shard {url}: no such file")
+
+
+def _open_url(url: str, allow_pipe: bool) -> IO[bytes]:
+    scheme = urlparse(url).scheme
+    if scheme == "":
+        return open(url, "rb")
+    if scheme == "file":
+        return open(url2pathname(urlparse(url).path), "rb")
+    _check_url(url, allow_pipe)  # the environment could have changed since construction
+    return wds.gopen.gopen(url, "rb")
+
+
+def _expand_shards(src: Iterable[dict[str, Any]], allow_pipe: bool) -> Iterator[dict[str, Any]]:
+    """webdataset stage: {url} → raw samples {__key__, __url__, suffix: bytes}, strictly grouped."""
+    for shard in src:
+        with contextlib.closing(_open_url(shard["url"], allow_pipe)) as stream:
+            yield from iter_tar_samples(stream, shard["url"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Records, shuffling and shape buckets
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Record:
+    """A sample whose JSON is parsed but whose arrays are still bytes (cheap to hold, skip or drop)."""
+
+    members: dict[str, Any]
+    meta: dict[str, Any]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.meta["frames"], self.meta["height"], self.meta["width"]
+
+
+def _to_record(raw: dict[str, Any]) -> _Record:
+    return _Record(members=raw, meta=decode_meta(raw))
+
+
+def _shuffle(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Reservoir-style shuffle buffer holding at most `size` items; drains at the end."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= size:
+            yield _pop_random(buf, rng)
+    while buf:
+        yield _pop_random(buf, rng)
+
+
+def _pop_random(buf: list[Any], rng: np.random.Generator) -> Any:
+    i = int(rng.integers(len(buf)))
+    buf[i], buf[-1] = buf[-1], buf[i]
+    return buf.pop()
+
+
+class _Bucketer:
+    """Groups records by (T, H, W); emits full batches, and the largest bucket when pending hits a bound.
+
+    `capacity` records make a full batch (batch_size, or batch_size × images_per_item for images). A
+    forced (partial) emission of an image bucket keeps whole items: floor(n / item) items, or one
+    shorter item of n frames when n < item, so every item of a batch has the same T.
+    """
+
+    def __init__(self, capacity: int, item: int, max_pending: int) -> None:
+        self.capacity, self.item, self.max_pending = capacity, item, max_pending
+        self.pending: dict[tuple[int, int, int], list[_Record]] = {}
+        self.total = 0
+
+    def add(self, record: _Record) -> list[list[_Record]]:
+        bucket = self.pending.setdefault(record.shape, [])
+        bucket.append(record)
+        self.total += 1
+        out = []
+        if len(bucket) >= self.capacity:
+            out.append(self._take(record.shape, self.capacity))
+        while self.total >= self.max_pending:
+            out.append(self._take_largest())
+        return out
+
+    def flush(self) -> Iterator[list[_Record]]:
+        while self.total:
+            yield self._take_largest()
+
+    def _take_largest(self) -> list[_Record]:
+        shape = max(self.pending, key=lambda s: len(self.pending[s]))  # first-inserted among ties
+        n = min(len(self.pending[shape]), self.capacity)
+        if n >= self.item:
+            n -= n % self.item
+        return self._take(shape, n)
+
+    def _take(self, shape: tuple[int, int, int], n: int) -> list[_Record]:
+        bucket = self.pending.pop(shape)
+        if len(bucket) > n:
+            self.pending[shape] = bucket[n:]
+        self.total -= n
+        return bucket[:n]
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-worker stream
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """Everything that determines the batch sequence (recorded in the loader state)."""
+
+    batch_size: int
+    rank: int
+    world_size: int
+    num_workers: int
+    seed: int
+    image_fraction: float
+    shuffle_buffer: int
+    train: bool
+    images_per_item: int
+    max_pending: int
+    allow_pipe: bool
+
+
+def initial_position() -> dict[str, Any]:
+    """Position of a worker that has yielded nothing."""
+    return {"batches": 0, "video": [0, 0], "images": [0, 0]}
+
+
+class ShardStream(IterableDataset):
+    """IterableDataset of ready batches for one rank; each DataLoader worker streams its own shards.
+
+    Set `start` (positions per logical worker) and `offset` (physical worker p runs logical worker
+    (p + offset) % W) before iterating; `ShardLoader` does this for you.
+    """
+
+    def __init__(self, urls: list[str], settings: StreamSettings) -> None:
+        super().__init__()
+        s = settings
+        workers = max(1, s.num_workers)
+        if not 0 <= s.rank < s.world_size:
+            raise ValueError(f"rank {s.rank} is outside world_size {s.world_size}")
+        if min(s.batch_size, s.images_per_item) < 1 or min(s.shuffle_buffer, s.num_workers, s.seed) < 0:
+            raise ValueError(
+                f"need batch_size, images_per_item >= 1 and shuffle_buffer, num_workers, seed >= 0: {s}"
+            )
+        if not 0.0 <= s.image_fraction <= 1.0:
+            raise ValueError(f"image_fraction must lie in [0, 1], got {s.image_fraction}")
+        if len(urls) < s.world_size * workers:
+            raise ValueError(
+                f"{len(urls)} shards cannot be split disjointly across {s.world_size} ranks × {workers} "
+                f"workers = {s.world_size * workers} streams; write more shards or use fewer workers"
+            )
+        self.urls, self.settings, self.workers = list(urls), settings, workers
+        self.streams = self._active_streams()
+        if s.max_pending < s.batch_size:
+            raise ValueError(f"max_pending {s.max_pending} is below one full batch ({s.batch_size})")
+        self.start = [initial_position() for _ in range(workers)]
+        self.offset = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
+        if count != self.workers:
+            raise ValueError(f"ShardStream built for {self.workers} workers runs in {count}")
+        logical = (physical + self.offset) % self.workers
+        yield from self._worker_batches(logical, self.start[logical])
+
+    # ---- batch sequence of one logical worker ------------------------------------------------------
+
+    def _worker_batches(self, worker: int, start: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        s = self.settings
+        streams = {name: self._stream_batches(name, worker, tuple(start[name])) for name in self.streams}
+        position = {name: list(start[name]) for name in STREAMS}
+        n = start["batches"]
+        while streams:
+            name = next(iter(streams))
+            if len(streams) == 2:
+                u = np.random.default_rng([s.seed, _MIX_ID, s.rank, worker, n]).random()
+                name = "images" if u < s.image_fraction else "video"
+            try:
+                epoch, index, records = next(streams[name])
+            except StopIteration:
+                del streams[name]
+                continue
+            n += 1
+            position[name] = [epoch, index + 1]
+            batch = (
+                _collate_video(records) if name == "video" else _collate_images(records, s.images_per_item)
+            )
+            batch["position"] = {"worker": worker, "batches": n, **{k: list(v) for k, v in position.items()}}
+            yield batch
+
+    def _stream_batches(
+        self, name: str, worker: int, start: tuple[int, int]
+    ) -> Iterator[tuple[int, int, list[_Record]]]:
+        """(epoch, batch index in epoch, records) of one kind, skipping the first start[1] of start[0]."""
+        s = self.settings
+        g, total = s.rank * self.workers + worker, s.world_size * self.workers
+        empty_limit = 1 if total == 1 else 10 * total
+        epoch, skip = start
+        empty_epochs = 0
+        while True:
+            bucketer = _Bucketer(self._capacity(name), self._item(name), s.max_pending * self._item(name))
+            rng = np.random.default_rng([s.seed, epoch, s.rank, worker, _STREAM_ID[name]])
+            records = _shuffle(self._records(self._epoch_urls(epoch, g, total), name), s.shuffle_buffer, rng)
+            index = seen = 0
+            for batches in _chain_flush(bucketer, records):
+                for batch in batches:
+                    seen += len(batch)
+                    if epoch != start[0] or index >= skip:
+                        yield epoch, index, batch
+                    index += 1
+            if not s.train:
+                return
+            empty_epochs = 0 if seen else empty_epochs + 1
+            if empty_epochs >= empty_limit:
+                raise ValueError(
+                    f"rank {s.rank} worker {worker}: no {_STREAM_KIND[name]} samples in {empty_epochs} "
+                    f"epochs of its shards; image_fraction={s.image_fraction} needs both kinds"
+                )
+            epoch += 1
+
+    def _records(self, urls: list[str], name: str) -> Iterator[_Record]:
+        kind = _STREAM_KIND[name]
+        return iter(
+            wds.DataPipeline(
+                wds.SimpleShardList(urls),
+                lambda src: _expand_shards(src, self.settings.allow_pipe),
+                wds.map(_to_record),
+                wds.select(lambda r: r.meta["kind"] == kind),
+            )
+        )
+
+    def _epoch_urls(self, epoch: int, g: int, total: int) -> list[str]:
+        if not self.settings.train:
+            return self.urls[g::total]
+        order = np.random.default_rng([self.settings.seed, epoch]).permutation(len(self.urls))
+        return [self.urls[i] for i in order[g::total]]
+
+    def _active_streams(self) -> list[str]:
+        f = self.settings.image_fraction
+        if not self.settings.train:
+            return list(STREAMS)  # one pass over everything; the fraction only orders the mix
+        return [name for name, share in (("video", 1.0 - f), ("images", f)) if share > 0]
+
+    def _item(self, name: str) -> int:
+        return self.settings.images_per_item if name == "images" else 1
+
+    def _capacity(self, name: str) -> int:
+        return self.settings.batch_size * self._item(name)
+
+
+def _chain_flush(bucketer: _Bucketer, records: Iterable[_Record]) -> Iterator[list[list[_Record]]]:
+    for record in records:
+        yield bucketer.add(record)
+    yield list(bucketer.flush())
+
+
+# --------------------------------------------------------------------------------------------------
+# Collation
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_unit(frames: torch.Tensor) -> torch.Tensor:
+    return frames.float().div_(127.5).sub_(1.0)  # uint8 [0, 255] → float [-1, 1]
+
+
+def _collate_video(records: list[_Record]) -> dict[str, Any]:
+    samples = [decode_sample(r.members) for r in records]
+    x = _to_unit(torch.stack([s.frames for s in samples]))  # (B, C, T, H, W)
+    text, mask = _pad_text([[s.text] for s in samples])
+    return {
+        "x": x,
+        "captions": [s.meta["caption"] for s in samples],
+        "fps": torch.tensor([float(s.meta["fps"]) for s in samples]),  # (B,)
+        "segments": None,
+        "keys": [s.key for s in samples],
+        "kind": "video",
+        "text": None if text is None else text[:, 0],  # (B, L, D)
+        "text_mask": None if mask is None else mask[:, 0],  # (B, L)
+    }
+
+
+def _collate_images(records: list[_Record], item: int) -> dict[str, Any]:
+    per_item = min(item, len(records))  # the bucketer emits whole items, or one short item
+    samples = [decode_sample(r.members) for r in records]
+    items = [samples[i : i + per_item] for i in range(0, len(samples), per_item)]
+    x = torch.stack([torch.cat([s.frames for s in item], dim=1) for item in items])  # (B, C, T, H, W)
+    batch, frames = x.shape[0], x.shape[2]
+    text, mask = _pad_text([[s.text for s in item] for item in items])
+    return {
+        "x": _to_unit(x),
+        "captions": [[s.meta["caption"] for s in item] for item in items],
+        "fps": torch.zeros(batch, frames),  # (B, T): 0 marks a still image
+        "segments": torch.arange(frames).expand(batch, frames).clone(),  # (B, T): one segment per image
+        "keys": [[s.key for s in item] for item in items],
+        "kind": "images",
+        "text": text,  # (B, T, L, D)
+        "text_mask": mask,  # (B, T, L)
+    }
+
+
+def _pad_text(groups: list[list[torch.Tensor | None]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Pad per-sample (L, D) embeddings to (B, G, Lmax, D) + mask; None unless every sample has one."""
+    flat = [t for group in groups for t in group]
+    if any(t is None for t in flat) or len({t.shape[1] for t in flat}) != 1:
+        return None, None
+    length = max(t.shape[0] for t in flat)
+    text = torch.zeros(len(groups), len(groups[0]), length, flat[0].shape[1])
+    mask = torch.zeros(len(groups), len(groups[0]), length, dtype=torch.bool)
+    for b, group in enumerate(groups):
+        for j, t in enumerate(group):
+            text[b, j, : t.shape[0]] = t.float()
+            mask[b, j, : t.shape[0]] = True
+    return text, mask
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader: torch DataLoader + resumable state
+# --------------------------------------------------------------------------------------------------
+
+
+def _identity(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+class ShardLoader:
+    """Iterable of batch dicts for one rank, with `state_dict` / `load_state_dict` for exact resume.
+
+    Each batch is a dict:
+
+    - "x": float32 (B, C, T, H, W) in [-1, 1];
+    - "kind": "video" (B clips) or "images" (B items of T independent images of one (H, W));
+    - "captions": B strings (video) or B lists of T strings (images);
+    - "keys": B sample keys (video) or B lists of T keys (images);
+    - "fps": float32 (B,) (video) or zeros (B, T) (images);
+    - "segments": None (video) or int64 (B, T) = arange(T) per item (images: each frame its own segment);
+    - "text", "text_mask": float32 (B, L, D) + bool (B, L) (video) or (B, T, L, D) + (B, T, L) (images),
+      padded to the longest embedding, when every sample has a stored text embedding, else None;
+    - "position": {"worker", "batches", "video": [epoch, batch], "images": [epoch, batch]} — the
+      producing worker's position after this batch (what the state is built from).
+
+    Every batch has one (T, H, W). B may be smaller than batch_size when a shape bucket is flushed
+    (end of a worker's epoch, or the pending bound); the last item of an image batch is never shorter
+    than the others. Iterating again continues from the current position (a finished eval pass
+    starts over). Training iterates forever.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardStream,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        multiprocessing_context: str | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self.multiprocessing_context = multiprocessing_context
+        self._reset()
+
+    def _reset(self) -> None:
+        self._positions = [initial_position() for _ in range(self.dataset.workers)]
+        self._last_worker = -1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        workers = self.dataset.settings.num_workers
+        self.dataset.start = [dict(p) for p in self._positions]
+        self.dataset.offset = (self._last_worker + 1) % self.dataset.workers  # next worker in the cycle
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_identity,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            persistent_workers=False,
+            multiprocessing_context=self.multiprocessing_context if workers > 0 else None,
+        )
+        for batch in loader:
+            position = batch["position"]
+            self._positions[position["worker"]] = {k: v for k, v in position.items() if k != "worker"}
+            self._last_worker = position["worker"]
+            yield batch
+        self._reset()  # a complete (eval) pass: the next iteration starts over
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state (JSON- and torch.save-able) of what this process has yielded so far."""
+        return {
+            "format": STATE_FORMAT,
+            "settings": self._fingerprint(),
+            "last_worker": self._last_worker,
+            "workers": [dict(p, video=list(p["video"]), images=list(p["images"])) for p in self._positions],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` was taken; the settings and shard list must be the same."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        mine, theirs = self._fingerprint(), state["settings"]
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differ:
+            raise ValueError(
+                "loader state was saved with different settings, exact resume impossible: "
+                + ", ".join(f"{k}: saved {theirs.get(k)!r}, now {mine.get(k)!r}" for k in differ)
+            )
+        if len(state["workers"]) != self.dataset.workers:
+            raise ValueError(
+                f"loader state has {len(state['workers'])} workers, expected {self.dataset.workers}"
+            )
+        self._positions = [
+            {"batches": int(p["batches"]), "video": list(p["video"]), "images": list(p["images"])}
+            for p in state["workers"]
+        ]
+        self._last_worker = int(state["last_worker"])
+
+    def _fingerprint(self) -> dict[str, Any]:
+        settings = asdict(self.dataset.settings)
+        settings["shards"] = [Path(urlparse(u).path).name or u for u in self.dataset.urls]
+        return settings
+
+
+def make_loader(
+    shard_dir_or_urls: str | os.PathLike | Sequence[str],
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    seed: int,
+    image_fraction: float,
+    shuffle_buffer: int,
+    train: bool = True,
+    *,
+    images_per_item: int = 8,
+    max_pending: int | None = None,
+    allow_pipe: bool = False,
+    prefetch_factor: int = 2,
+    pin_memory: bool = False,
+    multiprocessing_context: str | None = None,
+) -> ShardLoader:
+    """Loader of same-shape micro-batches for `rank` of `world_size` (see `ShardLoader` for the batch).
+
+    Shards are split disjointly over world_size × max(1, num_workers) streams (fewer shards raise
+    ValueError). train=True resamples forever, reshuffling the shard order each epoch; train=False
+    makes one pass over every sample of this rank. image_fraction is the probability that a batch is
+    a packed-image batch (`images_per_item` images of one size per item). `shuffle_buffer` samples are
+    held per worker and kind; shape buckets hold at most `max_pending` samples per kind (default
+    4 × batch_size; a packed item of images counts as one) before the largest bucket is emitted as a
+    smaller batch.
+    """
+    urls = resolve_shards(shard_dir_or_urls, allow_pipe)
+    settings = StreamSettings(
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        seed=seed,
+        image_fraction=float(image_fraction),
+        shuffle_buffer=shuffle_buffer,
+        train=train,
+        images_per_item=images_per_item,
+        max_pending=max_pending if max_pending is not None else 4 * batch_size,
+        allow_pipe=allow_pipe,
+    )
+    return ShardLoader(ShardStream(urls, settings), prefetch_factor, pin_memory, multiprocessing_context)
+
+
+def loader_from_config(cfg: RunConfig, rank: int, world_size: int, train: bool = True) -> ShardLoader:
+    """`make_loader` for a run: shards from `data.shards`, batch/worker/mix settings from `data`, seed
+    from `train.seed`."""
+    d = cfg.data
+    if not d.shards:
+        raise ValueError("data.shards: set the directory of preprocessed shards (preprocess.out of a run)")
+    return make_loader(
+        d.shards,
+        batch_size=d.batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=d.num_workers,
+        seed=cfg.train.seed,
+        image_fraction=d.image_fraction,
+        shuffle_buffer=d.shuffle_buffer,
+        train=train,
+        images_per_item=d.images_per_item or d.frames,
+        max_pending=d.max_pending or None,
+        allow_pipe=d.allow_pipe,
+    )

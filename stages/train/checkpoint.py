@@ -1,0 +1,153 @@
+"""Committed training checkpoints: DeepSpeed shards + per-rank state, a commit marker written last.
+
+Layout of `train.out_dir/checkpoints/step_{step:08d}/`:
+
+- `ds/state/…`       DeepSpeed's sharded model/optimizer/scheduler files (every rank writes its own);
+- `rank_{r:05d}.pt`  rank r's RNG states (torch, CUDA, numpy, Python), training generator, loader
+                     position and EMA weights: tensors, lists and numbers only, read with weights_only;
+- `config.yaml`, `meta.json` (step, world size, ZeRO stage, precision);
+- `COMMITTED`        written by rank 0 after every rank has finished: resume only trusts directories that
+                     have it, so a crash during a save never leaves training pointing at a partial one.
+
+DeepSpeed's own loader unpickles with weights_only=False; ours swaps in a checkpoint engine that loads
+with weights_only=True and allows only the few DeepSpeed types its files hold.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stages.artifacts import MARKER, committed, step_dir
+from stages.atomic import write_text
+
+
+def resolve_resume(out_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: "none" → None; "auto" → the newest committed one (None when the
+    run has none yet); else a directory, which must be a committed checkpoint."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = committed(out_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+    if not (path / MARKER).is_file():
+        raise ValueError(
+            f"--resume {resume}: not a committed checkpoint (no {MARKER} marker: a partial save?)"
+        )
+    return path
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save(
+    engine: Any,
+    out_dir: str | Path,
+    step: int,
+    rank: int,
+    rank_state: dict[str, Any],
+    meta: dict[str, Any],
+    config_yaml: str,
+    keep: int,
+    exports: Any = None,
+) -> Path:
+    """Collective: every rank calls it. Writes the step directory, commits it, prunes to `keep`.
+
+    `exports(directory)` (rank 0, before the commit) writes extra files such as safetensors weights.
+    """
+    directory = step_dir(out_dir, step)
+    if rank == 0 and directory.exists():
+        shutil.rmtree(directory)  # an uncommitted leftover of a crashed save of this step
+    _barrier()
+    engine.save_checkpoint(str(directory / "ds"), tag="state", client_state={"step": step}, save_latest=False)
+    torch.save(rank_state, directory / f"rank_{rank:05d}.pt")
+    _barrier()  # every rank has written everything
+    if rank == 0:
+        if exports is not None:
+            exports(directory)
+        write_text(directory / "config.yaml", config_yaml)
+        write_text(directory / "meta.json", json.dumps({"step": step, **meta}, indent=2))
+        write_text(directory / MARKER, f"{step}\n")
+        for old in committed(out_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return directory
+
+
+def load(engine: Any, directory: Path, rank: int, world_size: int) -> tuple[int, dict[str, Any]]:
+    """Restore the engine from a committed checkpoint; returns (step, this rank's state)."""
+    if not (directory / MARKER).is_file():
+        raise ValueError(f"{directory}: not a committed checkpoint")
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{directory}/meta.json: unreadable ({exc}); the checkpoint is corrupt") from exc
+    if meta.get("world_size") != world_size:
+        raise ValueError(
+            f"{directory}: saved with world size {meta.get('world_size')}, now {world_size}; exact resume "
+            "needs the same number of processes"
+        )
+    rank_file = directory / f"rank_{rank:05d}.pt"
+    if not rank_file.is_file():
+        raise ValueError(f"{directory}: missing {rank_file.name}; the checkpoint is corrupt")
+    engine.checkpoint_engine = safe_checkpoint_engine(engine.checkpoint_engine)
+    path, client = engine.load_checkpoint(str(directory / "ds"), tag="state")
+    if path is None:
+        raise ValueError(f"{directory}/ds: DeepSpeed could not load the checkpoint; it is corrupt")
+    state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    if client.get("step") != meta["step"]:
+        raise ValueError(
+            f"{directory}: DeepSpeed state is for step {client.get('step')}, meta for {meta['step']}"
+        )
+    return int(meta["step"]), state
+
+
+def safe_checkpoint_engine(engine: Any) -> Any:
+    """Wrap a DeepSpeed checkpoint engine so `load` unpickles with weights_only=True."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # the non-tensor types in ZeRO 1-3 optimizer-state files (the loss scaler is saved even in fp32)
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.load = load
+    return engine
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "generator": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    generator.set_state(state["generator"])

@@ -1,0 +1,134 @@
+"""The module DeepSpeed wraps and what lives beside it: `DiffusionTrainer` (the DiT plus the jointly
+trained byte text encoder; a frozen T5 stays outside, so its weights never enter checkpoints or the
+optimizer), the fp32 `Ema` of the weights, and `full_state`, the gathered fp32 state dict that
+checkpoints export."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from configs import RunConfig
+from models.diffusion import CosineSchedule, training_loss
+from models.dit import VideoDiT
+from models.text import ByteTextEncoder
+from stages.train.parallelize import parallelize_model
+
+
+class DiffusionTrainer(nn.Module):
+    """Per-sample diffusion loss of a batch; holds every trainable parameter."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__()
+        self.dit = parallelize_model(VideoDiT(cfg.model), cfg.parallel, compile_blocks=cfg.train.compile)
+        self.text = ByteTextEncoder.from_config(cfg.text) if cfg.text.encoder == "byte" else None
+        self.schedule = CosineSchedule.from_config(
+            cfg.diffusion, cfg.data.frames * cfg.data.height * cfg.data.width
+        )
+        self.diffusion = cfg.diffusion
+
+    def forward(
+        self,
+        x0: Tensor,
+        t: Tensor,
+        noise: Tensor,
+        *,
+        captions: list[str] | None,
+        text: Tensor | None,
+        text_mask: Tensor | None,
+        fps: Tensor,
+        drop_text: Tensor,
+        segments: Tensor | None = None,
+        cond: Tensor | None = None,
+        cond_aug: Tensor | None = None,
+    ) -> Tensor:
+        if text is None:
+            if self.text is None:
+                raise ValueError("no text embeddings in the batch and no trainable text encoder")
+            emb = self.text(captions)
+            text, text_mask = emb.tokens.to(x0.dtype), emb.mask
+            if drop_text.dim() == 2:  # packed images: one caption per frame
+                b, f = drop_text.shape
+                text, text_mask = text.view(b, f, *text.shape[1:]), text_mask.view(b, f, -1)
+        d = self.diffusion
+        return training_loss(
+            self.dit,
+            x0,
+            t,
+            noise,
+            self.schedule,
+            d.prediction,
+            d.loss_weighting,
+            d.min_snr_gamma,
+            text=text,
+            text_mask=text_mask,
+            fps=fps,
+            drop_text=drop_text,
+            segments=segments,
+            **({} if cond is None else {"cond": cond, "cond_aug": cond_aug}),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# EMA of the weights, kept in fp32 (under ZeRO-3 each rank keeps the EMA of its own partition)
+# --------------------------------------------------------------------------------------------------
+
+
+def local_tensor(p: Tensor) -> Tensor:
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p
+
+
+class Ema:
+    """fp32 exponential moving average of parameters (or of their ZeRO-3 partitions)."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
+        self.params, self.decay = params, decay
+        self.shadow = [local_tensor(p).detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.lerp_(local_tensor(p).detach().float(), 1.0 - self.decay)
+
+    def state(self) -> list[Tensor]:
+        return [s.cpu() for s in self.shadow]
+
+    def load(self, state: list[Tensor]) -> None:
+        if len(state) != len(self.shadow):
+            raise ValueError(f"EMA state has {len(state)} tensors, the model {len(self.shadow)}")
+        for s, saved in zip(self.shadow, state, strict=True):
+            s.copy_(saved)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Temporarily put the EMA values into the parameters (their local partitions)."""
+        saved = [local_tensor(p).detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params, strict=True):
+                local_tensor(p).copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for keep, p in zip(saved, self.params, strict=True):
+                    local_tensor(p).copy_(keep)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def full_state(module: nn.Module, zero3: bool) -> dict[str, Tensor] | None:
+    """Collective: the full fp32 state dict of `module` on rank 0 (None elsewhere), gathering ZeRO-3."""
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    else:
+        state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return state if _rank() == 0 else None

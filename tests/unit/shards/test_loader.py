@@ -1,0 +1,189 @@
+"""Training loader: disjoint coverage over ranks × workers, one shape per batch, exact pixels, image
+packing, bounded buckets and exact resume (num_workers 0 and 2)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stages.shards import encode_sample, write_shard
+from stages.shards.loader import _Bucketer, _Record, make_loader
+
+SHARDS, PER_SHARD = 8, 6
+VIDEO_SHAPES = [(4, 8, 8), (4, 8, 12)]
+
+
+def _kind_and_shape(j: int) -> tuple[str, tuple[int, int, int]]:
+    return ("image", (1, 8, 8)) if j % 3 == 2 else ("video", VIDEO_SHAPES[j % 2])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """8 shards × 6 samples: videos of two shapes and 8×8 images; returns (dir, {key: (T, H, W, 3)})."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "shards").mkdir()
+    rng = np.random.default_rng(0)
+    frames = {}
+    for i in range(SHARDS):
+        samples = []
+        for j in range(PER_SHARD):
+            key = f"s{i}_{j}"
+            kind, (t, h, w) = _kind_and_shape(j)
+            frames[key] = rng.integers(0, 256, size=(t, h, w, 3), dtype=np.uint8)
+            meta = {
+                "kind": kind,
+                "fps": 8.0 if kind == "video" else 0.0,
+                "source": f"src/{key}.mp4",
+                "start_s": 0.0,
+                "end_s": 0.5,
+                "caption": f"caption {key}",
+                "decoder": "pyav",
+            }
+            patch = (2, 4, 4) if kind == "video" else (1, 2, 2)
+            samples.append((key, encode_sample(key, frames[key], patch, meta)))
+        write_shard(root / "shards" / f"train-{i:06d}.tar", samples)
+    return root, frames
+
+
+def _flat_keys(batch) -> list[str]:
+    return [k for item in batch["keys"] for k in item] if batch["kind"] == "images" else list(batch["keys"])
+
+
+def _check_pixels(batch, frames) -> None:
+    """Every batch has one shape and rebuilds the exact uint8 frames of its samples."""
+    x = batch["x"]
+    assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    pixels = ((x + 1) * 127.5).round().to(torch.uint8)  # (B, C, T, H, W)
+    for b, key in enumerate(batch["keys"]):
+        if batch["kind"] == "video":
+            expected = torch.from_numpy(frames[key]).permute(3, 0, 1, 2)
+            assert torch.equal(pixels[b], expected), key
+        else:
+            for t, k in enumerate(key):
+                assert torch.equal(pixels[b, :, t], torch.from_numpy(frames[k][0]).permute(2, 0, 1)), k
+
+
+def _loader(root, **kw):
+    args = dict(
+        batch_size=2, rank=0, world_size=1, num_workers=0, seed=3, image_fraction=0.0, shuffle_buffer=4
+    )
+    args.update(kw)
+    return make_loader(root, images_per_item=3, **args)
+
+
+def test_eval_covers_every_sample_once_across_ranks_and_workers(dataset):
+    root, frames = dataset
+    per_rank = []
+    for rank in range(2):
+        keys = []
+        for batch in _loader(root, rank=rank, world_size=2, num_workers=2, image_fraction=0.5, train=False):
+            _check_pixels(batch, frames)
+            keys += _flat_keys(batch)
+        assert len(keys) == len(set(keys))
+        per_rank.append(set(keys))
+    assert not per_rank[0] & per_rank[1]
+    assert per_rank[0] | per_rank[1] == set(frames)
+
+
+def test_image_fraction_packs_images_with_segments(dataset):
+    root, frames = dataset
+    kinds = []
+    for batch, _ in zip(_loader(root, image_fraction=0.5), range(16)):
+        _check_pixels(batch, frames)
+        kinds.append(batch["kind"])
+        b, c, t, h, w = batch["x"].shape
+        if batch["kind"] == "images":
+            assert (c, h, w) == (3, 8, 8)
+            assert t == 3 or b == 1  # images_per_item frames per item; one short item at an epoch end
+            assert torch.equal(batch["segments"], torch.arange(t).expand(b, t))
+            assert torch.equal(batch["fps"], torch.zeros(b, t))
+            assert [len(c) for c in batch["captions"]] == [t] * b
+            assert batch["captions"][0][0] == f"caption {batch['keys'][0][0]}"
+        else:
+            assert batch["segments"] is None and batch["fps"].shape == (b,) and t == 4
+            assert batch["captions"] == [f"caption {k}" for k in batch["keys"]]
+    assert {"images", "video"} == set(kinds)
+    only_video = [b["kind"] for b, _ in zip(_loader(root, image_fraction=0.0), range(8))]
+    assert set(only_video) == {"video"}
+
+
+def test_pipe_urls_and_too_few_shards_are_refused(dataset, tmp_path):
+    root, _ = dataset
+    with pytest.raises(ValueError, match="pipe:"):
+        _loader("pipe:cat /tmp/x.tar")
+    with pytest.raises(ValueError, match="pipe:"):
+        _loader([str(next((root / "shards").glob("*.tar"))), "pipe:curl http://x/y.tar"])
+    with pytest.raises(ValueError, match=r"8 shards .* 3 ranks × 3 workers"):
+        _loader(root, world_size=3, num_workers=3)
+    with pytest.raises(ValueError, match="no shards"):
+        _loader(tmp_path)
+
+
+def test_bucketer_bounds_pending_and_drops_nothing():
+    def record(i, shape):
+        return _Record(members={"i": i}, meta={"frames": shape[0], "height": shape[1], "width": shape[2]})
+
+    shapes = [(1, 8, 8 + 4 * (i % 5)) for i in range(7)] * 10
+    bucketer, out = _Bucketer(capacity=6, item=3, max_pending=9), []
+    for i, shape in enumerate(shapes):
+        out += bucketer.add(record(i, shape))
+        assert bucketer.total < 9
+    out += list(bucketer.flush())
+    assert sorted(r.members["i"] for batch in out for r in batch) == list(range(len(shapes)))
+    for batch in out:
+        assert len({r.shape for r in batch}) == 1
+        assert len(batch) <= 6 and (len(batch) % 3 == 0 or len(batch) < 3)
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b) -> bool:
+    return a["keys"] == b["keys"] and torch.equal(a["x"], b["x"]) and a["position"] == b["position"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_yields_the_batches_of_an_uninterrupted_run(dataset, workers):
+    root, _ = dataset
+    kw = dict(rank=1, world_size=2, num_workers=workers, image_fraction=0.3, max_pending=3)
+    k, m = 7, 20  # k is odd: the resumed run must start with the second worker; m crosses epochs
+    reference = _take(_loader(root, **kw), k + m)
+
+    first = _loader(root, **kw)
+    head = _take(first, k)
+    state = json.loads(json.dumps(first.state_dict()))  # plain data, as a checkpoint would hold
+    resumed = _loader(root, **kw)
+    resumed.load_state_dict(state)
+    tail = _take(resumed, m)
+    assert all(_same(a, b) for a, b in zip(head + tail, reference))
+    assert max(b["position"]["video"][0] for b in reference) >= 1  # the run went past an epoch
+
+    with pytest.raises(ValueError, match="seed"):
+        _loader(root, **{**kw, "seed": 4}).load_state_dict(state)
+
+
+def test_eval_resume_finishes_the_pass_exactly(dataset):
+    root, _ = dataset
+    kw = dict(num_workers=2, image_fraction=0.5, train=False)
+    reference = list(_loader(root, **kw))
+    loader = _loader(root, **kw)
+    head = _take(loader, 5)
+    resumed = _loader(root, **kw)
+    resumed.load_state_dict(loader.state_dict())
+    tail = list(resumed)
+    assert len(head) + len(tail) == len(reference)
+    assert all(_same(a, b) for a, b in zip(head + tail, reference))
+    assert resumed.state_dict()["workers"][0]["batches"] == 0  # a finished pass starts over
+
+
+def test_loader_from_config_needs_the_shard_directory():
+    from configs import load_config
+    from stages.shards.loader import loader_from_config
+
+    with pytest.raises(ValueError, match=r"data\.shards: set the directory"):
+        loader_from_config(load_config(), rank=0, world_size=1)
