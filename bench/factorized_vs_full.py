@@ -58,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dtype": "bf16",
     },
 }
-TARGETS = {16: 1.7, 32: 3.0, 64: 5.0}  # issue 7, full ÷ factorized wall clock at S = 1024
+TARGETS = {16: 1.7, 32: 3.0, 64: 5.0}  # full ÷ factorized wall clock at S = 1024 (docs/PERFORMANCE.md)
 
 
 def dit_block(

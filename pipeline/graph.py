@@ -21,7 +21,7 @@ Ray). Given the cluster's `capacity`, a stage that declares `resources` (a train
 only when they fit beside the running stages' declared resources, so stages wait in the driver, in
 order, rather than in Ray, which would grant them in whatever order its workers come up: the ready
 stage with the largest `cost` starts first (the longest training, which bounds the run). A stage that
-needs more than the whole capacity starts once nothing declared runs, and Ray queues it as before.
+needs more than the whole capacity starts once nothing declared runs, and Ray queues its workers.
 After a failure no new stage starts; the ones running finish. An interrupted run leaves records saying
 running, and the next run resumes them.
 """
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.atomic import write_text
+from stages.atomic import remove_leftovers, write_text
 from stages.tables import column_table, format_duration
 
 STATE_DIR = "pipeline"
@@ -321,6 +321,7 @@ def run_graph(
             running.discard(name)
             status[name] = outcome
             failed = failed or outcome == "failed"
+        remove_leftovers(run_dir)  # no stage runs any more: what a killed earlier run left half-written
     return status
 
 

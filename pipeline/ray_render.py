@@ -39,7 +39,9 @@ def gpus_per_stage(cluster_gpus: float, stages: int) -> float:
 
 
 class RayExecutor:
-    """A `StageExecutor` with one Ray actor per stage, created on the stage's first batch."""
+    """A `StageExecutor` with one Ray actor per stage: `prepare` starts the actors of every stage the
+    render needs up front, so their weights load in parallel (a stage that is submitted to before being
+    prepared gets its actor then)."""
 
     def __init__(self, specs: list[StageSpec], num_gpus: float | None = None) -> None:
         import ray

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from configs import CascadeConfig, RenderConfig, fingerprint, validate_cascade
 from configs.validate import validate_render
+from stages.atomic import remove_leftovers
 from stages.media import contact_sheet
 from stages.render.output import (
     SIDECAR,
@@ -286,6 +287,7 @@ def _run(
             "seconds": summary.seconds,
         },
     )
+    remove_leftovers(out)  # every file of this render is written: what a killed earlier render left
     return summary
 
 

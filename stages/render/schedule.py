@@ -63,7 +63,8 @@ class LocalExecutor:
     """Runs batches in this process, deepest stage first (so prompts finish as early as possible).
 
     A stage's runner (`runner_factory(spec)`, default `StageRunner`) is built on its first batch, so a
-    resumed render never loads stages it does not need.
+    resumed render never loads stages it does not need; once loaded it stays in memory until `close`, so
+    a render holds every stage it has reached.
     """
 
     def __init__(
@@ -75,8 +76,7 @@ class LocalExecutor:
         self.pending: dict[int, list[StageItem]] = {}
 
     def prepare(self, stages: list[int]) -> None:
-        """Nothing: a local stage loads on its first batch (one model in memory at a time while the
-        others wait)."""
+        """Nothing: a local stage loads on its first batch."""
 
     def submit(self, stage: int, batch: list[StageItem]) -> None:
         self.pending[stage] = batch

@@ -87,7 +87,7 @@ class StageSpec:
             "steps": d.steps,
             "guidance": {"scale": d.guidance_scale, "schedule": d.guidance_schedule, "low": d.guidance_low},
             "cond_aug_level": s.cond_aug_level if s.kind != "base" else None,
-            # only when not fp32: fp32 outputs keep the fingerprints they had before the option existed
+            # recorded only when not fp32: an fp32 stage's fingerprint does not depend on the field
             **({"precision": self.precision} if self.precision != "fp32" else {}),
         }
 

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configs.validate import MAX_SHAPE_SIZE
-from stages.atomic import write_text
+from stages.atomic import remove_leftovers, write_text
 from stages.media import CRF, PRESET, X264_PARAMS, write_mp4, write_png
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,6 +350,7 @@ def run_synth(
         "colors": {name: list(rgb) for name, rgb in COLORS.items()},
     }
     write_text(out / MANIFEST, json.dumps({"params": params, "items": items}, indent=2) + "\n")
+    remove_leftovers(out)  # every file is written: what a killed earlier run left half-written
 
     n_images = sum(item["direction"] is None for item in items)
     return SynthSummary(out=out, videos=len(items) - n_images, images=n_images, files=files)

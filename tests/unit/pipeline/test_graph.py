@@ -68,6 +68,15 @@ def test_second_run_skips_every_stage(tmp_path):
     assert {r["stage"]: r["state"] for r in status_rows(tmp_path)} == dict.fromkeys("abcd", "done")
 
 
+def test_a_run_removes_what_a_killed_write_left(tmp_path):
+    torn = tmp_path / "pipeline" / "stages" / "b.json.tmp-4242-4243"
+    torn.parent.mkdir(parents=True)
+    torn.write_text('{"stage": "b", "sta')
+    toy = Toy(tmp_path)
+    assert set(toy.run().values()) == {"done"}
+    assert not torn.exists() and not list(tmp_path.rglob("*.tmp-*"))
+
+
 def test_changed_settings_rerun_the_stage_and_its_descendants_only(tmp_path):
     Toy(tmp_path).run()
     toy = Toy(tmp_path, {"b": "2"})

@@ -286,6 +286,17 @@ def test_interrupted_render_resumes_without_recomputing(video_cascade, tmp_path)
     assert idle.log == [] and (dirs[0] / "video.json").is_file() and (dirs[0] / "video.mp4").is_file()
 
 
+def test_a_rerun_removes_what_a_killed_write_left(video_cascade, tmp_path):
+    cascade = load_cascade(video_cascade)
+    out = tmp_path / "out"
+    torn = out / f"0000-{slugify(PROMPTS[0])}" / "stages" / "01-tsr.safetensors.tmp-4242-4243"
+    torn.parent.mkdir(parents=True)
+    torn.write_bytes(b"half a tensor")
+    render(cascade, PROMPTS[:1], settings(out))
+    assert not torn.exists() and (torn.parent / "01-tsr.safetensors").is_file()
+    assert not list(out.rglob("*.tmp-*"))
+
+
 def test_rerun_with_other_settings_refuses_to_mix(video_cascade, tmp_path):
     cascade = load_cascade(video_cascade)
     out = tmp_path / "out"
