@@ -1,4 +1,4 @@
-"""Time of the real training step (DeepSpeed engine of `stages/train.py`) per preset, clip size, ZeRO
+"""Time of the real training step (DeepSpeed engine of `stages/train/loop.py`) per preset, clip size, ZeRO
 stage and precision, on synthetic in-memory batches; prints a table and writes JSON.
 
     python bench/train_step.py                    # CPU default: tiny, 8×16×16 px, patch (1, 4, 4)

@@ -18,8 +18,8 @@ from pipeline.ray_cluster import ensure_ray
 from stages.media import ClipSpec
 from stages.preprocess import (
     DecodeProcess,
-    Executor,
     InputItem,
+    ShardExecutor,
     ShardTask,
     caption_embedder,
     process_shard,
@@ -45,7 +45,7 @@ class _ShardWriter:
         return {"record": json.dumps(record)}
 
 
-def ray_executor(address: str | None = None) -> Executor:
+def ray_executor(address: str | None = None) -> ShardExecutor:
     """An executor for `run_preprocess` that runs shard tasks on Ray (in-process unless `address`)."""
 
     def run(tasks: list[ShardTask], cfg: RunConfig, out: Path) -> Iterator[dict[str, Any]]:

@@ -3,7 +3,7 @@
 The page shows, top to bottom: the title and when it was made; `contact_sheet.png` (one row per finished
 prompt, the last stage's frames across); a prompt-adherence table per cascade stage; one section per
 finished prompt with every stage's clip (scaled up, pixelated) and, for prompts that are synthetic-dataset
-captions, what `stages.synth_check` reads from that stage's frames; a loss chart (inline SVG) and a
+captions, what `stages.synth.describe` reads from that stage's frames; a loss chart (inline SVG) and a
 summary table per trained model; and the run's configs as collapsible YAML.
 
 The page is self-contained (no JavaScript, no external resources) and every link is relative to the
@@ -39,7 +39,7 @@ SHEET = "contact_sheet.png"
 SHEET_FRAMES = 16
 """Frames per row of the overall contact sheet (evenly spaced, first and last included)."""
 ATTRIBUTES = ("color", "shape", "direction")
-"""The attributes `stages.synth_check.judge` can return, in display order."""
+"""The attributes `stages.synth.judge` can return, in display order."""
 
 CELL_WIDTH = 192
 """CSS width (px) of each stage's clip on the page; small clips are scaled up with pixelated rendering."""

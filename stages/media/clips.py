@@ -1,6 +1,6 @@
 """Clip geometry in time and space: resampling to a target fps, scene cuts, clip plans, resize/crop.
 
-Pure numpy + PIL, no decoding: `stages/decode.py` feeds it timestamps and frames. Time is handled by
+Pure numpy + PIL, no decoding: `stages/media/decode.py` feeds it timestamps and frames. Time is handled by
 presentation timestamps (never by frame counts), so variable-frame-rate sources give evenly timed
 clips; space is "resize to cover, then center crop", to a fixed size or to the nearest aspect bucket.
 """

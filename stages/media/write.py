@@ -28,8 +28,8 @@ X264_PARAMS = "mbtree=0"
 """With macroblock-tree rate control on, x264 (core 165) gave different bytes for the same input from run to
 run on small frames (seen at 18–48 px) even single-threaded, likely from uninitialised lookahead memory."""
 
-LABEL_COLOR = (0, 0, 0)
-BACKGROUND = (255, 255, 255)
+SHEET_LABEL = (0, 0, 0)
+SHEET_BACKGROUND = (255, 255, 255)
 """Contact sheets: black labels on white, white gaps between cells."""
 
 
@@ -173,14 +173,14 @@ def contact_sheet(
         label_width = max(measure.textbbox((0, 0), text, font=font)[2] for text in labels) + gap
     row_widths = [sum(c.shape[1] for c in row) + gap * (len(row) - 1) for row in cells]
     sheet = Image.new(
-        "RGB", (gap + label_width + max(row_widths) + gap, gap + len(rows) * (height + gap)), BACKGROUND
+        "RGB", (gap + label_width + max(row_widths) + gap, gap + len(rows) * (height + gap)), SHEET_BACKGROUND
     )
     draw = ImageDraw.Draw(sheet)
     for r, row in enumerate(cells):
         y = gap + r * (height + gap)
         if labels is not None:
             top, bottom = measure.textbbox((0, 0), labels[r], font=font)[1::2]
-            draw.text((gap, y + (height - (bottom - top)) // 2 - top), labels[r], fill=LABEL_COLOR, font=font)
+            draw.text((gap, y + (height - (bottom - top)) // 2 - top), labels[r], fill=SHEET_LABEL, font=font)
         x = gap + label_width
         for cell in row:
             sheet.paste(Image.fromarray(cell), (x, y))

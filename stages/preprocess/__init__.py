@@ -10,7 +10,7 @@ from stages.preprocess.decode_process import DecodeFailure, DecodeProcess
 from stages.preprocess.discover import InputItem, count_by_kind, discover, media_kind
 from stages.preprocess.job import (
     CaptionEmbedder,
-    Executor,
+    ShardExecutor,
     ShardTask,
     caption_embedder,
     local_shard_executor,
@@ -23,8 +23,8 @@ __all__ = [
     "CaptionEmbedder",
     "DecodeFailure",
     "DecodeProcess",
-    "Executor",
     "InputItem",
+    "ShardExecutor",
     "ShardTask",
     "caption_embedder",
     "count_by_kind",

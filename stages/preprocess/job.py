@@ -26,10 +26,8 @@ from stages.atomic import remove_leftovers, write_text
 from stages.media import ClipSpec
 from stages.preprocess.decode_process import DecodeFailure, DecodeProcess
 from stages.preprocess.discover import InputItem, discover
-from stages.shards import encode_sample, write_shard
+from stages.shards import SCHEMA_VERSION, encode_sample, write_shard
 from stages.tables import key_value_table
-
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,9 @@ class ShardTask:
     items: tuple[InputItem, ...]
 
 
-Executor = Callable[[list[ShardTask], RunConfig, Path], Iterator[dict[str, Any]]]
+ShardExecutor = Callable[[list[ShardTask], RunConfig, Path], Iterator[dict[str, Any]]]
+"""Runs shard tasks somewhere (`local_shard_executor`, `pipeline.ray_preprocess.ray_executor`) and yields
+each task's record as it is committed."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def _progress(records: Iterable[dict[str, Any]], total_files: int, enabled: bool
 def run_preprocess(
     cfg: RunConfig,
     inputs: list[str],
-    executor: Executor = local_shard_executor,
+    executor: ShardExecutor = local_shard_executor,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the whole job into `cfg.preprocess.out`; returns the manifest (written to manifest.json) plus
