@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issue-7 GPU measurements in phases that each fit one 10-minute call on the lent H200:
+# The H200 measurements of docs/PERFORMANCE.md in phases that each fit one 10-minute device call:
 #   bash bench/h200.sh env tests kernels      # then: train, then: render
 # Installs the carried wheels of bench/device_wheels.sh (.whl/) when present, and writes each phase's
 # JSON and log to $OUT (the device tool's folder) or bench/results/h200/. To try the script on a CPU:
@@ -34,8 +34,8 @@ phase_env() {
 }
 
 phase_tests() {  # the suite's CUDA tests, skipped on CPU machines and in CI
-  "$python" -m pytest -q -p no:cacheprovider -rs tests/unit/test_attention.py tests/unit/test_sampling.py \
-    -k "xformers_matches_sdpa or cuda_matches_cpu"
+  "$python" -m pytest -q -p no:cacheprovider -rs -m gpu \
+    tests/unit/models/test_attention.py tests/unit/test_sampling.py
 }
 
 phase_kernels() {

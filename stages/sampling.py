@@ -102,7 +102,7 @@ def generate(
     Super-resolution models take `cond`, the previous stage's output brought to this stage's shape by
     `models.superres.upsample_video` (B, C, T, H, W), best already on the model's device: it is noised
     there (float32) to `cond_aug` (default `diffusion.cond_aug_level`) with each prompt's generator, the
-    model denoises the residual over it (as in training, `stages.train.sr_pair`), and the result is
+    model denoises the residual over it (as in training, `stages.train.batches.sr_pair`), and the result is
     residual + cond.
     `item_keys` names each prompt's random stream, `item_generator(seed, *key)` (default: the prompt's
     position, `(i,)`); a cascade passes (prompt index, stage index) so each prompt's noise is the same

@@ -8,8 +8,8 @@ only, never a pickle. The cascade stage's sampler, steps and guidance override
 the checkpoint's diffusion values. Everything here except `StageRunner` reads only small files, so a
 bad cascade fails before any weights load.
 
-Random streams: prompt i at stage k samples from `item_generator(seed, i, k)` and, for a
-super-resolution stage, noises its conditioning from `item_generator(seed, i, k, 1)`; a prompt's video
+Random streams: prompt i at stage k draws from `item_generator(seed, i, k)` alone (a super-resolution
+stage first the augmentation noise of its conditioning, then its starting noise); a prompt's video
 therefore never depends on its batch mates or on which stage ran when.
 """
 
