@@ -28,7 +28,7 @@ from models.text import T5TextEncoder
 from stages.artifacts import export_weights, step_dir
 from stages.precision import torch_dtype
 from stages.train import checkpoint
-from stages.train.batches import draw_noise, encode_frozen, fit_batch, flat_captions, sr_pair
+from stages.train.batches import draw_noise, encode_frozen, fit_batch, sr_pair
 from stages.train.distributed import init_distributed
 from stages.train.parallelize import deepspeed_config, lr_factor
 from stages.train.plan import format_training_plan, training_plan
@@ -199,22 +199,22 @@ def train(
                 if preview_clips is None:
                     preview_clips = batch
                 tt, noise, drop = draw_noise(batch, gen, t.text_dropout)
-                x0, cond, aug = batch["x"], None, None
+                x0, cond, aug = batch.x, None, None
                 if cfg.model.kind != "base":
                     x0, cond, aug = sr_pair(x0, cfg, module.schedule, gen)
-                text, mask = batch["text"], batch["text_mask"]
+                text, mask = batch.text, batch.text_mask
                 if text is None and frozen_text is not None:
                     text, mask = encode_frozen(frozen_text, batch)
                 per_sample = engine(
                     x0.to(device, dtype),
                     tt.to(device),
                     noise.to(device, dtype),
-                    captions=flat_captions(batch),
+                    captions=batch.flat_captions(),
                     text=None if text is None else text.to(device, dtype),
                     text_mask=None if mask is None else mask.to(device),
-                    fps=batch["fps"].to(device),
+                    fps=batch.fps.to(device),
                     drop_text=drop.to(device),
-                    segments=None if batch["segments"] is None else batch["segments"].to(device),
+                    segments=None if batch.segments is None else batch.segments.to(device),
                     cond=None if cond is None else cond.to(device, dtype),
                     cond_aug=None if aug is None else aug.to(device),
                 )
@@ -237,8 +237,8 @@ def train(
                 current.losses.append(loss.detach())
                 current.times.append(tt.reshape(len(per_sample), -1).mean(1))
                 current.sample_losses.append(per_sample.detach())
-                current.samples += batch["x"].shape[0] * world
-                current.tokens += info["tokens_per_sample"] * batch["x"].shape[0] * world
+                current.samples += batch.x.shape[0] * world
+                current.tokens += info["tokens_per_sample"] * batch.x.shape[0] * world
             step += 1
             current.step, current.lr = step, scheduler.get_last_lr()[0]
             grad_norm = engine.get_global_grad_norm()
