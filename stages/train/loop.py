@@ -44,14 +44,18 @@ if TYPE_CHECKING:  # both load what `import stages.train` goes without (webdatas
 
 @dataclass
 class TrainResult:
+    """What one process's `train` call did."""
+
     step: int
     """Optimizer steps done (including skipped ones)."""
     losses: list[float] = field(default_factory=list)
     """Mean loss of each step this process ran (this rank's micro-batches), NaN for skipped steps."""
     skipped: int = 0
+    """Steps skipped by this call: a non-finite loss or gradient norm."""
     checkpoint: Path | None = None
     """The last committed checkpoint."""
     preempted: bool = False
+    """A SIGTERM stopped the run early, after a checkpoint of the step it had reached."""
 
 
 class NonFiniteError(RuntimeError):
@@ -217,9 +221,9 @@ class TrainingRun:
         record.step, record.lr = self.step, self.scheduler.get_last_lr()[0]
         grad_norm = self.engine.get_global_grad_norm()
         record.grad_norm = grad_norm.detach().clone() if isinstance(grad_norm, Tensor) else grad_norm
-        late = isinstance(record.grad_norm, Tensor) and not record.bad
-        if late and not settled_at_once(self.step, self.train_cfg):
-            self.pending = record
+        norm_on_device = isinstance(record.grad_norm, Tensor)
+        if norm_on_device and not record.bad and not settled_at_once(self.step, self.train_cfg):
+            self.pending = record  # settled by the next step's loss check
         else:
             self.settle(record, grad_bad=not record.bad and grad_norm_bad(record.grad_norm))
 
@@ -243,7 +247,7 @@ class TrainingRun:
         self.engine.step()
         items = batch.x.shape[0]
         record.losses.append(loss.detach())
-        record.times.append(times.reshape(len(per_sample), -1).mean(1))  # (B,): packed images' mean
+        record.times.append(times.reshape(len(per_sample), -1).mean(1))  # (B, T) of packed images → (B,)
         record.sample_losses.append(per_sample.detach())
         record.samples += items * self.world
         record.tokens += self.plan["tokens_per_sample"] * items * self.world
