@@ -85,7 +85,7 @@ def loader_rate(cfg: RunConfig, args: argparse.Namespace) -> float:
             fit_batch(next(batches), cfg, gen)
         samples, start = 0, time.perf_counter()
         for _ in range(args.batches):
-            samples += fit_batch(next(batches), cfg, gen)["x"].shape[0]
+            samples += fit_batch(next(batches), cfg, gen).x.shape[0]
         return samples / (time.perf_counter() - start)
     finally:
         batches.close()  # stops the DataLoader workers

@@ -24,11 +24,12 @@ are refused unless `allow_pipe=True`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -113,19 +114,23 @@ def _expand_shards(src: Iterable[dict[str, Any]], allow_pipe: bool) -> Iterator[
 
 
 @dataclass
-class _Record:
-    """A sample whose JSON is parsed but whose arrays are still bytes (cheap to hold, skip or drop)."""
+class Record:
+    """A sample whose JSON is parsed but whose arrays are still bytes (cheap to hold, skip or drop): what
+    the shuffle buffer and the shape buckets hold until a batch is decoded."""
 
     members: dict[str, Any]
+    """The sample's raw tar members (suffix → bytes, plus `__key__` and `__url__`)."""
     meta: dict[str, Any]
+    """The sample's parsed JSON metadata (`stages.shards.format.decode_meta`)."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """(T, H, W) of the sample: what its shape bucket is keyed by."""
         return self.meta["frames"], self.meta["height"], self.meta["width"]
 
 
-def _to_record(raw: dict[str, Any]) -> _Record:
-    return _Record(members=raw, meta=decode_meta(raw))
+def _to_record(raw: dict[str, Any]) -> Record:
+    return Record(members=raw, meta=decode_meta(raw))
 
 
 def _shuffle(items: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -148,8 +153,9 @@ def _pop_random(buf: list[Any], rng: np.random.Generator) -> Any:
     return buf.pop()
 
 
-class _Bucketer:
-    """Groups records by (T, H, W); emits full batches, and the largest bucket when pending hits a bound.
+class Bucketer:
+    """Groups records by (T, H, W) so that every batch has one shape; emits full batches, and the largest
+    bucket when the pending records hit a bound (memory stays bounded however many shapes a set has).
 
     `capacity` records make a full batch (batch_size, or batch_size × images_per_item for images). A
     forced (partial) emission of an image bucket keeps whole items: floor(n / item) items, or one
@@ -158,10 +164,11 @@ class _Bucketer:
 
     def __init__(self, capacity: int, item: int, max_pending: int) -> None:
         self.capacity, self.item, self.max_pending = capacity, item, max_pending
-        self.pending: dict[tuple[int, int, int], list[_Record]] = {}
+        self.pending: dict[tuple[int, int, int], list[Record]] = {}
         self.total = 0
 
-    def add(self, record: _Record) -> list[list[_Record]]:
+    def add(self, record: Record) -> list[list[Record]]:
+        """Hold `record`; returns the batches it completes or forces out (often none)."""
         bucket = self.pending.setdefault(record.shape, [])
         bucket.append(record)
         self.total += 1
@@ -172,18 +179,19 @@ class _Bucketer:
             out.append(self._take_largest())
         return out
 
-    def flush(self) -> Iterator[list[_Record]]:
+    def flush(self) -> Iterator[list[Record]]:
+        """Every pending record, largest bucket first (the end of a worker's epoch)."""
         while self.total:
             yield self._take_largest()
 
-    def _take_largest(self) -> list[_Record]:
+    def _take_largest(self) -> list[Record]:
         shape = max(self.pending, key=lambda s: len(self.pending[s]))  # first-inserted among ties
         n = min(len(self.pending[shape]), self.capacity)
         if n >= self.item:
             n -= n % self.item
         return self._take(shape, n)
 
-    def _take(self, shape: tuple[int, int, int], n: int) -> list[_Record]:
+    def _take(self, shape: tuple[int, int, int], n: int) -> list[Record]:
         bucket = self.pending.pop(shape)
         if len(bucket) > n:
             self.pending[shape] = bucket[n:]
@@ -249,7 +257,7 @@ class ShardStream(IterableDataset):
         self.start = [initial_position() for _ in range(workers)]
         self.offset = 0
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         physical, count = (info.id, info.num_workers) if info is not None else (0, 1)
         if count != self.workers:
@@ -259,7 +267,7 @@ class ShardStream(IterableDataset):
 
     # ---- batch sequence of one logical worker ------------------------------------------------------
 
-    def _worker_batches(self, worker: int, start: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _worker_batches(self, worker: int, start: dict[str, Any]) -> Iterator[Batch]:
         s = self.settings
         streams = {name: self._stream_batches(name, worker, tuple(start[name])) for name in self.streams}
         position = {name: list(start[name]) for name in STREAMS}
@@ -276,15 +284,15 @@ class ShardStream(IterableDataset):
                 continue
             n += 1
             position[name] = [epoch, index + 1]
-            batch = (
-                _collate_video(records) if name == "video" else _collate_images(records, s.images_per_item)
-            )
-            batch["position"] = {"worker": worker, "batches": n, **{k: list(v) for k, v in position.items()}}
-            yield batch
+            after = {"worker": worker, "batches": n, **{k: list(v) for k, v in position.items()}}
+            if name == "video":
+                yield _collate_video(records, after)
+            else:
+                yield _collate_images(records, s.images_per_item, after)
 
     def _stream_batches(
         self, name: str, worker: int, start: tuple[int, int]
-    ) -> Iterator[tuple[int, int, list[_Record]]]:
+    ) -> Iterator[tuple[int, int, list[Record]]]:
         """(epoch, batch index in epoch, records) of one kind, skipping the first start[1] of start[0]."""
         s = self.settings
         g, total = s.rank * self.workers + worker, s.world_size * self.workers
@@ -292,7 +300,7 @@ class ShardStream(IterableDataset):
         epoch, skip = start
         empty_epochs = 0
         while True:
-            bucketer = _Bucketer(self._capacity(name), self._item(name), s.max_pending * self._item(name))
+            bucketer = Bucketer(self._capacity(name), self._item(name), s.max_pending * self._item(name))
             rng = np.random.default_rng([s.seed, epoch, s.rank, worker, _STREAM_ID[name]])
             records = _shuffle(self._records(self._epoch_urls(epoch, g, total), name), s.shuffle_buffer, rng)
             index = seen = 0
@@ -312,7 +320,7 @@ class ShardStream(IterableDataset):
                 )
             epoch += 1
 
-    def _records(self, urls: list[str], name: str) -> Iterator[_Record]:
+    def _records(self, urls: list[str], name: str) -> Iterator[Record]:
         kind = _STREAM_KIND[name]
         return iter(
             wds.DataPipeline(
@@ -342,54 +350,112 @@ class ShardStream(IterableDataset):
         return self.settings.batch_size * self._item(name)
 
 
-def _chain_flush(bucketer: _Bucketer, records: Iterable[_Record]) -> Iterator[list[list[_Record]]]:
+def _chain_flush(bucketer: Bucketer, records: Iterable[Record]) -> Iterator[list[list[Record]]]:
     for record in records:
         yield bucketer.add(record)
     yield list(bucketer.flush())
 
 
 # --------------------------------------------------------------------------------------------------
-# Collation
+# Batches and collation
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One same-shape micro-batch as the loader yields it: B clips of T frames (kind "video"), or B items
+    of T independent images of one (H, W) packed along the frame axis (kind "images").
+
+    Picklable (DataLoader workers send it to the main process) and pinnable (`ShardLoader(pin_memory=
+    True)`: torch's pin-memory thread calls `pin_memory()`). Frozen: a changed batch is a new one
+    (`replace`), and whoever holds the old one keeps it as it was.
+    """
+
+    x: torch.Tensor
+    """float32 (B, C, T, H, W) in [-1, 1]."""
+    kind: Literal["video", "images"]
+    """"video": each item is one clip; "images": each of an item's T frames is its own still image."""
+    captions: list[str] | list[list[str]]
+    """B strings (video) or B lists of T strings (images)."""
+    keys: list[str] | list[list[str]]
+    """The samples' keys, laid out as `captions`: B (video) or B lists of T (images)."""
+    fps: torch.Tensor
+    """float32 (B,) frame rates (video) or zeros (B, T) (images: 0 marks a still image)."""
+    segments: torch.Tensor | None
+    """None (video) or int64 (B, T) = arange(T) per item (images: each frame its own segment)."""
+    text: torch.Tensor | None
+    """Stored text embeddings padded to the longest, float32 (B, L, D) (video) or (B, T, L, D) (images);
+    None unless every sample has one (of one width D)."""
+    text_mask: torch.Tensor | None
+    """bool (B, L) (video) or (B, T, L) (images): True on the real tokens of `text`; None with it."""
+    position: dict[str, Any]
+    """{"worker", "batches", "video": [epoch, batch], "images": [epoch, batch]}: the producing worker's
+    position after this batch, what `ShardLoader.state_dict` is built from."""
+
+    def flat_captions(self) -> list[str]:
+        """One caption per clip (B, video) or per image (B·T, item by item, images)."""
+        if self.kind == "video":
+            return list(self.captions)
+        return [caption for item in self.captions for caption in item]
+
+    def replace(self, **changes: Any) -> Batch:
+        """A copy of the batch with the given fields replaced."""
+        return dataclasses.replace(self, **changes)
+
+    def pin_memory(self) -> Batch:
+        """A copy whose tensors are in page-locked memory, for fast asynchronous copies to the GPU."""
+        return self.replace(
+            x=self.x.pin_memory(),
+            fps=self.fps.pin_memory(),
+            segments=_pinned(self.segments),
+            text=_pinned(self.text),
+            text_mask=_pinned(self.text_mask),
+        )
+
+
+def _pinned(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.pin_memory()
 
 
 def _to_unit(frames: torch.Tensor) -> torch.Tensor:
     return frames.float().div_(127.5).sub_(1.0)  # uint8 [0, 255] → float [-1, 1]
 
 
-def _collate_video(records: list[_Record]) -> dict[str, Any]:
+def _collate_video(records: list[Record], position: dict[str, Any]) -> Batch:
     samples = [decode_sample(r.members) for r in records]
     x = _to_unit(torch.stack([s.frames for s in samples]))  # (B, C, T, H, W)
     text, mask = _pad_text([[s.text] for s in samples])
-    return {
-        "x": x,
-        "captions": [s.meta["caption"] for s in samples],
-        "fps": torch.tensor([float(s.meta["fps"]) for s in samples]),  # (B,)
-        "segments": None,
-        "keys": [s.key for s in samples],
-        "kind": "video",
-        "text": None if text is None else text[:, 0],  # (B, L, D)
-        "text_mask": None if mask is None else mask[:, 0],  # (B, L)
-    }
+    return Batch(
+        x=x,
+        kind="video",
+        captions=[s.meta["caption"] for s in samples],
+        keys=[s.key for s in samples],
+        fps=torch.tensor([float(s.meta["fps"]) for s in samples]),  # (B,)
+        segments=None,
+        text=None if text is None else text[:, 0],  # (B, L, D)
+        text_mask=None if mask is None else mask[:, 0],  # (B, L)
+        position=position,
+    )
 
 
-def _collate_images(records: list[_Record], item: int) -> dict[str, Any]:
+def _collate_images(records: list[Record], item: int, position: dict[str, Any]) -> Batch:
     per_item = min(item, len(records))  # the bucketer emits whole items, or one short item
     samples = [decode_sample(r.members) for r in records]
     items = [samples[i : i + per_item] for i in range(0, len(samples), per_item)]
     x = torch.stack([torch.cat([s.frames for s in item], dim=1) for item in items])  # (B, C, T, H, W)
     batch, frames = x.shape[0], x.shape[2]
     text, mask = _pad_text([[s.text for s in item] for item in items])
-    return {
-        "x": _to_unit(x),
-        "captions": [[s.meta["caption"] for s in item] for item in items],
-        "fps": torch.zeros(batch, frames),  # (B, T): 0 marks a still image
-        "segments": torch.arange(frames).expand(batch, frames).clone(),  # (B, T): one segment per image
-        "keys": [[s.key for s in item] for item in items],
-        "kind": "images",
-        "text": text,  # (B, T, L, D)
-        "text_mask": mask,  # (B, T, L)
-    }
+    return Batch(
+        x=_to_unit(x),
+        kind="images",
+        captions=[[s.meta["caption"] for s in item] for item in items],
+        keys=[[s.key for s in item] for item in items],
+        fps=torch.zeros(batch, frames),  # (B, T): 0 marks a still image
+        segments=torch.arange(frames).expand(batch, frames).clone(),  # (B, T): one segment per image
+        text=text,  # (B, T, L, D)
+        text_mask=mask,  # (B, T, L)
+        position=position,
+    )
 
 
 def _pad_text(groups: list[list[torch.Tensor | None]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -412,25 +478,12 @@ def _pad_text(groups: list[list[torch.Tensor | None]]) -> tuple[torch.Tensor | N
 # --------------------------------------------------------------------------------------------------
 
 
-def _identity(batch: dict[str, Any]) -> dict[str, Any]:
+def _identity(batch: Batch) -> Batch:
     return batch
 
 
 class ShardLoader:
-    """Iterable of batch dicts for one rank, with `state_dict` / `load_state_dict` for exact resume.
-
-    Each batch is a dict:
-
-    - "x": float32 (B, C, T, H, W) in [-1, 1];
-    - "kind": "video" (B clips) or "images" (B items of T independent images of one (H, W));
-    - "captions": B strings (video) or B lists of T strings (images);
-    - "keys": B sample keys (video) or B lists of T keys (images);
-    - "fps": float32 (B,) (video) or zeros (B, T) (images);
-    - "segments": None (video) or int64 (B, T) = arange(T) per item (images: each frame its own segment);
-    - "text", "text_mask": float32 (B, L, D) + bool (B, L) (video) or (B, T, L, D) + (B, T, L) (images),
-      padded to the longest embedding, when every sample has a stored text embedding, else None;
-    - "position": {"worker", "batches", "video": [epoch, batch], "images": [epoch, batch]} — the
-      producing worker's position after this batch (what the state is built from).
+    """Iterable of `Batch`es for one rank, with `state_dict` / `load_state_dict` for exact resume.
 
     Every batch has one (T, H, W). B may be smaller than batch_size when a shape bucket is flushed
     (end of a worker's epoch, or the pending bound); the last item of an image batch is never shorter
@@ -454,7 +507,7 @@ class ShardLoader:
         self._positions = [initial_position() for _ in range(self.dataset.workers)]
         self._last_worker = -1
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         workers = self.dataset.settings.num_workers
         self.dataset.start = [dict(p) for p in self._positions]
         self.dataset.offset = (self._last_worker + 1) % self.dataset.workers  # next worker in the cycle
@@ -469,7 +522,7 @@ class ShardLoader:
             multiprocessing_context=self.multiprocessing_context if workers > 0 else None,
         )
         for batch in loader:
-            position = batch["position"]
+            position = batch.position
             self._positions[position["worker"]] = {k: v for k, v in position.items() if k != "worker"}
             self._last_worker = position["worker"]
             yield batch
@@ -529,7 +582,7 @@ def make_loader(
     pin_memory: bool = False,
     multiprocessing_context: str | None = None,
 ) -> ShardLoader:
-    """Loader of same-shape micro-batches for `rank` of `world_size` (see `ShardLoader` for the batch).
+    """Loader of same-shape micro-batches (`Batch`) for `rank` of `world_size`.
 
     Shards are split disjointly over world_size × max(1, num_workers) streams (fewer shards raise
     ValueError). train=True resamples forever, reshuffling the shard order each epoch; train=False

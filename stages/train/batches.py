@@ -1,10 +1,10 @@
 """What the step loop does to a loader batch before the model sees it: the stage's training geometry
 (`fit_batch`), super-resolution pairs (`sr_pair`), the diffusion times, noise and text dropout of a
-batch (`draw_noise`), and its captions or frozen text embeddings."""
+batch (`draw_noise`), and its frozen text embeddings (`encode_frozen`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -14,29 +14,32 @@ from models.diffusion import CosineSchedule, augment_condition, sample_augment_l
 from models.superres import degrade, reduce_video
 from models.text import T5TextEncoder
 
+if TYPE_CHECKING:  # the loader module loads webdataset: `import stages.train` stays without it
+    from stages.shards.loader import Batch
 
-def draw_noise(batch: dict[str, Any], gen: torch.Generator, dropout: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(t, noise, drop_text) for a batch: per item for videos, per frame for packed images."""
-    x = batch["x"]
-    b, _, f = x.shape[:3]
-    shape = (b,) if batch["kind"] == "video" else (b, f)
-    t = torch.rand(shape, generator=gen)
+
+def draw_noise(batch: Batch, gen: torch.Generator, dropout: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(times, noise, drop_text) for a batch: per item for videos, per frame for packed images."""
+    x = batch.x  # (B, C, T, H, W)
+    shape = (x.shape[0],) if batch.kind == "video" else (x.shape[0], x.shape[2])  # (B,) or (B, T)
+    times = torch.rand(shape, generator=gen)
     noise = torch.randn(x.shape, generator=gen)
-    drop = torch.rand(shape, generator=gen) < dropout
-    return t, noise, drop
+    drop_text = torch.rand(shape, generator=gen) < dropout
+    return times, noise, drop_text
 
 
-def fit_batch(batch: dict[str, Any], cfg: RunConfig, gen: torch.Generator) -> dict[str, Any]:
+def fit_batch(batch: Batch, cfg: RunConfig, gen: torch.Generator) -> Batch:
     """The batch at the stage's training geometry: reduced to data.frames × height × width when
     data.reduce is set (fps divided by the frame stride), then randomly cropped per item to train.crop."""
-    x, d, crop = batch["x"], cfg.data, cfg.train.crop
-    if d.reduce:
-        frames = d.frames if batch["kind"] == "video" else x.shape[2]  # packed images keep every image
-        if tuple(x.shape[2:]) != (frames, d.height, d.width):
+    x, data_cfg, crop = batch.x, cfg.data, cfg.train.crop  # x: (B, C, T, H, W)
+    changes: dict[str, Any] = {}
+    if data_cfg.reduce:
+        frames = data_cfg.frames if batch.kind == "video" else x.shape[2]  # packed images keep every image
+        if tuple(x.shape[2:]) != (frames, data_cfg.height, data_cfg.width):
             stride = x.shape[2] // frames
-            x = reduce_video(x, frames, d.height, d.width)
-            if batch["kind"] == "video":
-                batch = {**batch, "fps": batch["fps"] / stride}
+            x = reduce_video(x, frames, data_cfg.height, data_cfg.width)
+            if batch.kind == "video":
+                changes["fps"] = batch.fps / stride
     if crop:
         height, width = x.shape[-2:]
         if height < crop[0] or width < crop[1]:
@@ -44,7 +47,7 @@ def fit_batch(batch: dict[str, Any], cfg: RunConfig, gen: torch.Generator) -> di
         ys = torch.randint(0, height - crop[0] + 1, (x.shape[0],), generator=gen).tolist()
         xs = torch.randint(0, width - crop[1] + 1, (x.shape[0],), generator=gen).tolist()
         x = torch.stack([v[..., y : y + crop[0], c : c + crop[1]] for v, y, c in zip(x, ys, xs)])
-    return {**batch, "x": x}
+    return batch.replace(x=x, **changes)
 
 
 def sr_pair(
@@ -61,15 +64,12 @@ def sr_pair(
     return x - up, augment_condition(up, levels, schedule, gen), levels
 
 
-def flat_captions(batch: dict[str, Any]) -> list[str]:
-    caps = batch["captions"]
-    return [c for item in caps for c in item] if batch["kind"] != "video" else list(caps)
-
-
 @torch.no_grad()
-def encode_frozen(encoder: T5TextEncoder, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    emb = encoder(flat_captions(batch))
-    if batch["kind"] == "video":
+def encode_frozen(encoder: T5TextEncoder, batch: Batch) -> tuple[Tensor, Tensor]:
+    """(text, text_mask) of the batch's captions from a frozen encoder, laid out as the loader lays out
+    stored embeddings: (B, L, D) + (B, L) for videos, (B, T, L, D) + (B, T, L) for packed images."""
+    emb = encoder(batch.flat_captions())  # (B or B·T, L, D)
+    if batch.kind == "video":
         return emb.tokens, emb.mask
-    b, f = batch["x"].shape[0], batch["x"].shape[2]
-    return emb.tokens.view(b, f, *emb.tokens.shape[1:]), emb.mask.view(b, f, -1)
+    items, frames = batch.x.shape[0], batch.x.shape[2]
+    return emb.tokens.view(items, frames, *emb.tokens.shape[1:]), emb.mask.view(items, frames, -1)

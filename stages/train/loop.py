@@ -15,9 +15,11 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,24 +30,32 @@ from models.text import T5TextEncoder
 from stages.artifacts import export_weights, step_dir
 from stages.precision import torch_dtype
 from stages.train import checkpoint
-from stages.train.batches import draw_noise, encode_frozen, fit_batch, flat_captions, sr_pair
+from stages.train.batches import draw_noise, encode_frozen, fit_batch, sr_pair
 from stages.train.distributed import init_distributed
 from stages.train.parallelize import deepspeed_config, lr_factor
 from stages.train.plan import format_training_plan, training_plan
 from stages.train.sync import StepRecord, grad_norm_bad, nonfinite, read_means, settled_at_once
 from stages.train.trainer import DiffusionTrainer, Ema, full_state, local_tensor
 
+if TYPE_CHECKING:  # both load what `import stages.train` goes without (webdataset, TensorBoard)
+    from stages.shards.loader import Batch
+    from stages.train.metrics import TrainMetrics
+
 
 @dataclass
 class TrainResult:
+    """What one process's `train` call did."""
+
     step: int
     """Optimizer steps done (including skipped ones)."""
     losses: list[float] = field(default_factory=list)
     """Mean loss of each step this process ran (this rank's micro-batches), NaN for skipped steps."""
     skipped: int = 0
+    """Steps skipped by this call: a non-finite loss or gradient norm."""
     checkpoint: Path | None = None
     """The last committed checkpoint."""
     preempted: bool = False
+    """A SIGTERM stopped the run early, after a checkpoint of the step it had reached."""
 
 
 class NonFiniteError(RuntimeError):
@@ -64,207 +74,311 @@ def train(
     resume: "auto" (newest committed checkpoint of train.out_dir, or a fresh start when it has none),
     "none", or a checkpoint directory. `fault(step)` → True makes that step's loss NaN (tests).
     """
-    import deepspeed
+    train_cfg = cfg.train
+    run = TrainingRun(cfg, fault)
+    run.start(resume)
+    with run.stop_on_sigterm():
+        run.open_metrics(progress)
+        try:
+            while run.step < train_cfg.steps and not run.stop_requested:
+                run.optimizer_step()
+                if train_cfg.preview_every and run.step % train_cfg.preview_every == 0:
+                    run.previews()
+                if run.step % train_cfg.checkpoint_every == 0 or run.step == train_cfg.steps:
+                    run.save()
+            run.settle_pending()  # a step a SIGTERM left pending
+            if run.stop_requested:
+                run.save_on_preemption()
+        finally:
+            run.metrics.close()
+    return run.finish()
 
-    from stages.shards.loader import loader_from_config
-    from stages.train.metrics import TrainMetrics
-    from stages.train.previews import write_previews
 
-    rank, world, local = init_distributed()
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    t = cfg.train
-    out = Path(t.out_dir)
-    zero3 = cfg.parallel.zero_stage == 3
-    dtype = torch_dtype(cfg.parallel.precision)
+class TrainingRun:
+    """One process's training run: the DeepSpeed engine, the EMA, the batch stream, the training
+    generator, the metrics and the result, and the step still waiting for its gradient-norm verdict
+    (`pending`, settled one step late as `stages/train/sync.py` describes)."""
 
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    np.random.seed(t.seed)
-    random.seed(t.seed)
-    module = DiffusionTrainer(cfg)
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=module,
-        model_parameters=trainable,
-        config=deepspeed_config(cfg, world),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, t.warmup_steps, t.steps)
-        ),
-        dist_init_required=False,
-    )
-    frozen_text = T5TextEncoder.from_config(cfg.text).to(device) if cfg.text.encoder == "t5" else None
-    ema = Ema([p for p in engine.module.parameters() if p.requires_grad], t.ema_decay)
-    loader = loader_from_config(cfg, rank, world)
-    gen = torch.Generator().manual_seed(t.seed * 1_000_003 + rank)
+    batches: Iterator[Batch]
+    """This rank's loader batches, from the start (or resumed) position on; set by `start`."""
+    metrics: TrainMetrics
+    """Progress bar, metrics.jsonl and TensorBoard; set by `open_metrics`."""
 
-    step, last = 0, None
-    start = checkpoint.resolve_resume(out, resume)
-    if start is not None:
-        step, state = checkpoint.load(engine, start, rank, world)
-        checkpoint.set_rng_state(state["rng"], gen)
-        loader.load_state_dict(state["loader"])
-        ema.load(state["ema"])
-        last = start
-    info = training_plan(cfg, world)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        print(
-            format_training_plan(info) + (f"\nresuming from {start} (step {step})" if start else ""),
-            flush=True,
+    def __init__(self, cfg: RunConfig, fault: Callable[[int], bool] | None) -> None:
+        """Join the launcher's world and build the engine (identical initial weights on every rank), the
+        frozen text encoder, the EMA, this rank's loader and the training generator."""
+        import deepspeed
+
+        from stages.shards.loader import loader_from_config
+
+        self.cfg, self.fault = cfg, fault
+        self.train_cfg = train_cfg = cfg.train
+        self.rank, self.world, local = init_distributed()
+        self.device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        self.out = Path(train_cfg.out_dir)
+        self.zero3 = cfg.parallel.zero_stage == 3
+        self.dtype = torch_dtype(cfg.parallel.precision)
+
+        torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
+        np.random.seed(train_cfg.seed)
+        random.seed(train_cfg.seed)
+        self.module = DiffusionTrainer(cfg)
+        self.trainable = [param for param in self.module.parameters() if param.requires_grad]
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.module,
+            model_parameters=self.trainable,
+            config=deepspeed_config(cfg, self.world),
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda at: lr_factor(at, train_cfg.warmup_steps, train_cfg.steps)
+            ),
+            dist_init_required=False,
+        )
+        self.frozen_text = (
+            T5TextEncoder.from_config(cfg.text).to(self.device) if cfg.text.encoder == "t5" else None
+        )
+        wrapped = [param for param in self.engine.module.parameters() if param.requires_grad]
+        self.ema = Ema(wrapped, train_cfg.ema_decay)
+        self.loader = loader_from_config(cfg, self.rank, self.world)
+        self.gen = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + self.rank)
+        """The training generator: crops, diffusion times, noise, text dropout and SR augmentation."""
+        self.plan = training_plan(cfg, self.world)
+        self.config_yaml = dump_config(cfg)
+
+        self.step = 0
+        """Optimizer steps done: the number (1-based) of the last step."""
+        self.result = TrainResult(step=0)
+        self.step_losses: list[float | Tensor] = []
+        """`result.losses` as they come: a kept step's micro-batch losses stay tensors until a log line."""
+        self.bad_in_a_row = 0
+        self.pending: StepRecord | None = None
+        """The last step, while its gradient-norm verdict is still on the device."""
+        self.preview_clips: Batch | None = None
+        """The run's first batch: what super-resolution previews upsample."""
+        self.stop_requested = False
+        """A SIGTERM arrived: stop after the current step, checkpoint and return."""
+
+    # ---- around the steps --------------------------------------------------------------------------
+
+    def start(self, resume: str) -> None:
+        """Continue from the checkpoint `resume` names (see `train`), if any; print the training plan."""
+        start = checkpoint.resolve_resume(self.out, resume)
+        if start is not None:
+            self.step, state = checkpoint.load(self.engine, start, self.rank, self.world)
+            checkpoint.set_rng_state(state["rng"], self.gen)
+            self.loader.load_state_dict(state["loader"])
+            self.ema.load(state["ema"])
+        self.result = TrainResult(step=self.step, checkpoint=start)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            resuming = f"\nresuming from {start} (step {self.step})" if start else ""
+            print(format_training_plan(self.plan) + resuming, flush=True)
+        self.batches = iter(self.loader)
+
+    @contextmanager
+    def stop_on_sigterm(self) -> Iterator[None]:
+        """While open, SIGTERM sets `stop_requested`. Python takes signal handlers only on the main
+        thread; a launcher that runs train() on another thread (Ray Train) handles SIGTERM itself, by
+        restarting from the last committed checkpoint."""
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._request_stop) if on_main else None
+        try:
+            yield
+        finally:
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _request_stop(self, *_: object) -> None:
+        self.stop_requested = True
+
+    def open_metrics(self, progress: bool) -> None:
+        """The progress bar, metrics.jsonl and TensorBoard log, counting from the start step."""
+        from stages.train.metrics import TrainMetrics
+
+        self.metrics = TrainMetrics(
+            self.out,
+            rank=self.rank,
+            total_steps=self.train_cfg.steps,
+            start_step=self.step,
+            log_every=self.train_cfg.log_every,
+            progress=progress,
         )
 
-    stop = {"signal": False}
-    # Python takes signal handlers only on the main thread; a launcher that runs train() on another
-    # thread (Ray Train) handles SIGTERM itself, by restarting from the last committed checkpoint.
-    on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True)) if on_main else None
-    metrics = TrainMetrics(
-        out, rank=rank, total_steps=t.steps, start_step=step, log_every=t.log_every, progress=progress
-    )
-    result = TrainResult(step=step, checkpoint=last)
-    losses_log: list[float | Tensor] = []  # result.losses; a step's tensor is read at the next log line
-    config_yaml = dump_config(cfg)
-    in_a_row = 0
+    def finish(self) -> TrainResult:
+        """The result, every step's loss read to the host."""
+        read_means(self.step_losses)
+        self.result.losses = [float(loss) for loss in self.step_losses]  # all floats already: no device read
+        self.result.step = self.step
+        return self.result
 
-    def ema_state() -> dict[str, Tensor] | None:
-        with ema.applied():
-            return full_state(engine.module, zero3)
+    # ---- one optimizer step ------------------------------------------------------------------------
 
-    def save(at: int) -> Path:
-        finite = all(bool(torch.isfinite(local_tensor(p)).all()) for p in trainable)
-        if nonfinite([torch.tensor(0.0 if finite else float("nan"))])[0]:
-            raise NonFiniteError(f"step {at}: the weights are not finite; not saving a checkpoint")
-        states = {"model": full_state(engine.module, zero3), "ema": ema_state()}
-        rank_state = {"rng": checkpoint.rng_state(gen), "loader": loader.state_dict(), "ema": ema.state()}
-        meta = {
-            "world_size": world,
-            "zero_stage": cfg.parallel.zero_stage,
-            "precision": cfg.parallel.precision,
-        }
-        return checkpoint.save(
-            engine,
-            out,
-            at,
-            rank,
-            rank_state,
-            meta,
-            config_yaml,
-            t.keep_checkpoints,
-            exports=lambda d: export_weights(d, cfg, states),
+    def optimizer_step(self) -> None:
+        """One optimizer step of parallel.grad_accum micro-batches, settled now or one step late."""
+        record = StepRecord()
+        for _ in range(self.cfg.parallel.grad_accum):
+            self.micro_batch(record)
+        self.step += 1
+        record.step, record.lr = self.step, self.scheduler.get_last_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        record.grad_norm = grad_norm.detach().clone() if isinstance(grad_norm, Tensor) else grad_norm
+        norm_on_device = isinstance(record.grad_norm, Tensor)
+        if norm_on_device and not record.bad and not settled_at_once(self.step, self.train_cfg):
+            self.pending = record  # settled by the next step's loss check
+        else:
+            self.settle(record, grad_bad=not record.bad and grad_norm_bad(record.grad_norm))
+
+    def micro_batch(self, record: StepRecord) -> None:
+        """The next batch's forward pass, loss check and backward, added to the step in `record`. Once the
+        step's loss went non-finite, backward is skipped (no accumulation) or fed an exact zero loss
+        (accumulation: DeepSpeed's micro-batch count stays in step)."""
+        batch = self._next_batch(record)
+        times, noise, drop_text = draw_noise(batch, self.gen, self.train_cfg.text_dropout)
+        per_sample = self._per_sample_loss(batch, times, noise, drop_text)  # (B,)
+        loss = per_sample.mean()
+        if self.fault is not None and self.fault(self.step):
+            loss = loss * float("nan")
+        if not record.bad:
+            record.bad = self._loss_is_nonfinite(loss)
+        if record.bad:
+            if self.cfg.parallel.grad_accum == 1:
+                return
+            loss = sum((param * 0).sum() for param in self.trainable)
+        self.engine.backward(loss)
+        self.engine.step()
+        items = batch.x.shape[0]
+        record.losses.append(loss.detach())
+        record.times.append(times.reshape(len(per_sample), -1).mean(1))  # (B, T) of packed images → (B,)
+        record.sample_losses.append(per_sample.detach())
+        record.samples += items * self.world
+        record.tokens += self.plan["tokens_per_sample"] * items * self.world
+
+    def _next_batch(self, record: StepRecord) -> Batch:
+        """The next loader batch at the training geometry; the time spent waiting for it goes to `record`."""
+        tick = time.perf_counter()
+        batch = fit_batch(next(self.batches), self.cfg, self.gen)
+        record.wait += time.perf_counter() - tick
+        if self.preview_clips is None:
+            self.preview_clips = batch
+        return batch
+
+    def _per_sample_loss(self, batch: Batch, times: Tensor, noise: Tensor, drop_text: Tensor) -> Tensor:
+        """The engine's per-sample loss (B,) of a batch: of its super-resolution pair for SR models, with
+        frozen text embeddings when the batch stores none."""
+        x0, cond, cond_aug = batch.x, None, None
+        if self.cfg.model.kind != "base":
+            x0, cond, cond_aug = sr_pair(x0, self.cfg, self.module.schedule, self.gen)
+        text, text_mask = batch.text, batch.text_mask
+        if text is None and self.frozen_text is not None:
+            text, text_mask = encode_frozen(self.frozen_text, batch)
+        device, dtype = self.device, self.dtype
+        return self.engine(
+            x0.to(device, dtype),
+            times.to(device),
+            noise.to(device, dtype),
+            captions=batch.flat_captions(),
+            text=None if text is None else text.to(device, dtype),
+            text_mask=None if text_mask is None else text_mask.to(device),
+            fps=batch.fps.to(device),
+            drop_text=drop_text.to(device),
+            segments=None if batch.segments is None else batch.segments.to(device),
+            cond=None if cond is None else cond.to(device, dtype),
+            cond_aug=None if cond_aug is None else cond_aug.to(device),
         )
 
-    def finish(done: StepRecord, grad_bad: bool) -> None:
-        """Settle a step: skip accounting (and the max_bad_steps stop), or the EMA update; then metrics.
-        The weights are still the step's own here, also when this runs during the next step's forward."""
-        nonlocal in_a_row
-        bad = done.bad or grad_bad  # grad_bad: DeepSpeed skipped (fp16 overflow) or the gradient blew up
+    def _loss_is_nonfinite(self, loss: Tensor) -> bool:
+        """Whether `loss` is non-finite on some rank: the micro-batch's one wait for the device, which
+        also brings the pending step's gradient-norm verdict and settles it."""
+        if self.pending is None:
+            return nonfinite([loss])[0]
+        loss_bad, grad_bad = nonfinite([loss, self.pending.grad_norm])
+        self.settle(self.pending, grad_bad=grad_bad)
+        self.pending = None
+        return loss_bad
+
+    def settle(self, record: StepRecord, grad_bad: bool) -> None:
+        """Settle a step: skip accounting (and the train.max_bad_steps stop) or the EMA update, then its
+        metrics. `grad_bad`: DeepSpeed skipped the step (fp16 overflow) or its gradient blew up."""
+        bad = record.bad or grad_bad
         if bad:
-            result.skipped += 1
-            in_a_row += 1
-            losses_log.append(float("nan"))
-            if in_a_row >= t.max_bad_steps:
+            self.result.skipped += 1
+            self.bad_in_a_row += 1
+            self.step_losses.append(float("nan"))
+            if self.bad_in_a_row >= self.train_cfg.max_bad_steps:
                 raise NonFiniteError(
-                    f"{in_a_row} non-finite steps in a row (train.max_bad_steps = {t.max_bad_steps}); "
-                    f"stopping without saving; last committed checkpoint: {result.checkpoint}"
+                    f"{self.bad_in_a_row} non-finite steps in a row "
+                    f"(train.max_bad_steps = {self.train_cfg.max_bad_steps}); "
+                    f"stopping without saving; last committed checkpoint: {self.result.checkpoint}"
                 )
         else:
-            in_a_row = 0
-            ema.update()
-            losses_log.append(torch.stack(done.losses))
-        metrics.step(
-            done.step - 1,  # the metrics log counts steps from 0
-            loss=losses_log[-1],
-            samples=done.samples,
-            tokens=done.tokens,
-            lr=done.lr,
-            grad_norm=done.grad_norm,
+            self.bad_in_a_row = 0
+            self.ema.update()
+            self.step_losses.append(torch.stack(record.losses))
+        self.metrics.step(
+            record.step - 1,  # the metrics log counts steps from 0
+            loss=self.step_losses[-1],
+            samples=record.samples,
+            tokens=record.tokens,
+            lr=record.lr,
+            grad_norm=record.grad_norm,
             skipped=bad,
-            timestep_losses=done.timestep_losses(),
-            data_wait_s=done.wait,
+            timestep_losses=record.timestep_losses(),
+            data_wait_s=record.wait,
         )
-        if bad or done.step % t.log_every == 0 or done.step >= t.steps:
-            read_means(losses_log)  # the log boundary: this process's losses come to the host too
+        if bad or record.step % self.train_cfg.log_every == 0 or record.step >= self.train_cfg.steps:
+            read_means(self.step_losses)  # the log boundary: this process's losses come to the host too
 
-    # One wait for the device per step (per micro-batch with accumulation): the loss check, which also
-    # settles the previous step's gradient norm; see stages/train_sync.py.
-    batches = iter(loader)
-    preview_clips = None  # super-resolution previews upsample the run's first batch
-    pending: StepRecord | None = None  # the previous step, while its gradient-norm verdict is on the device
-    try:
-        while step < t.steps and not stop["signal"]:
-            current = StepRecord()
-            for _ in range(cfg.parallel.grad_accum):
-                tick = time.perf_counter()
-                batch = fit_batch(next(batches), cfg, gen)
-                current.wait += time.perf_counter() - tick
-                if preview_clips is None:
-                    preview_clips = batch
-                tt, noise, drop = draw_noise(batch, gen, t.text_dropout)
-                x0, cond, aug = batch["x"], None, None
-                if cfg.model.kind != "base":
-                    x0, cond, aug = sr_pair(x0, cfg, module.schedule, gen)
-                text, mask = batch["text"], batch["text_mask"]
-                if text is None and frozen_text is not None:
-                    text, mask = encode_frozen(frozen_text, batch)
-                per_sample = engine(
-                    x0.to(device, dtype),
-                    tt.to(device),
-                    noise.to(device, dtype),
-                    captions=flat_captions(batch),
-                    text=None if text is None else text.to(device, dtype),
-                    text_mask=None if mask is None else mask.to(device),
-                    fps=batch["fps"].to(device),
-                    drop_text=drop.to(device),
-                    segments=None if batch["segments"] is None else batch["segments"].to(device),
-                    cond=None if cond is None else cond.to(device, dtype),
-                    cond_aug=None if aug is None else aug.to(device),
-                )
-                loss = per_sample.mean()
-                if fault is not None and fault(step):
-                    loss = loss * float("nan")
-                if not current.bad:
-                    checks = [loss] if pending is None else [loss, pending.grad_norm]
-                    verdicts = nonfinite(checks)  # the step's wait for the device
-                    if pending is not None:
-                        finish(pending, grad_bad=verdicts[1])
-                        pending = None
-                    current.bad = verdicts[0]
-                if current.bad:
-                    if cfg.parallel.grad_accum == 1:
-                        continue  # nothing accumulated: skip backward and the optimizer entirely
-                    loss = sum((p * 0).sum() for p in trainable)  # exact zero gradient keeps DS in step
-                engine.backward(loss)
-                engine.step()
-                current.losses.append(loss.detach())
-                current.times.append(tt.reshape(len(per_sample), -1).mean(1))
-                current.sample_losses.append(per_sample.detach())
-                current.samples += batch["x"].shape[0] * world
-                current.tokens += info["tokens_per_sample"] * batch["x"].shape[0] * world
-            step += 1
-            current.step, current.lr = step, scheduler.get_last_lr()[0]
-            grad_norm = engine.get_global_grad_norm()
-            current.grad_norm = grad_norm.detach().clone() if isinstance(grad_norm, Tensor) else grad_norm
-            if isinstance(current.grad_norm, Tensor) and not current.bad and not settled_at_once(step, t):
-                pending = current  # settled on the next step's sync, before its backward
-            else:
-                finish(current, grad_bad=not current.bad and grad_norm_bad(current.grad_norm))
-            if t.preview_every and step % t.preview_every == 0:
-                state = ema_state()  # collective under ZeRO-3
-                if rank == 0:
-                    write_previews(state, cfg, step, frozen_text, device, preview_clips)
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                result.checkpoint = save(step)
-        if pending is not None:  # SIGTERM stopped the loop before the next step's sync
-            finish(pending, grad_bad=grad_norm_bad(pending.grad_norm))
-            pending = None
-        if stop["signal"]:
-            if result.checkpoint is None or result.checkpoint.name != step_dir(out, step).name:
-                result.checkpoint = save(step)
-            result.preempted = True
-    finally:
-        metrics.close()
-        if on_main:
-            signal.signal(signal.SIGTERM, previous)
-    read_means(losses_log)
-    result.losses = [float(loss) for loss in losses_log]  # all floats already: no device read here
-    result.step = step
-    return result
+    def settle_pending(self) -> None:
+        """Settle the step still pending when the loop stopped (a SIGTERM before the next step's sync)."""
+        if self.pending is not None:
+            self.settle(self.pending, grad_bad=grad_norm_bad(self.pending.grad_norm))
+            self.pending = None
+
+    # ---- what steps write --------------------------------------------------------------------------
+
+    def previews(self) -> None:
+        """Previews of the EMA weights at this step (`stages/train/previews.py`), written by rank 0."""
+        from stages.train.previews import write_previews
+
+        state = self._ema_state()  # collective under ZeRO-3
+        if self.rank == 0:
+            write_previews(state, self.cfg, self.step, self.frozen_text, self.device, self.preview_clips)
+
+    def save(self) -> None:
+        """Commit a checkpoint of this step (refused when the weights are not finite on some rank)."""
+        finite = all(bool(torch.isfinite(local_tensor(param)).all()) for param in self.trainable)
+        if nonfinite([torch.tensor(0.0 if finite else float("nan"))])[0]:
+            raise NonFiniteError(f"step {self.step}: the weights are not finite; not saving a checkpoint")
+        states = {"model": full_state(self.engine.module, self.zero3), "ema": self._ema_state()}
+        rank_state = {
+            "rng": checkpoint.rng_state(self.gen),
+            "loader": self.loader.state_dict(),
+            "ema": self.ema.state(),
+        }
+        meta = {
+            "world_size": self.world,
+            "zero_stage": self.cfg.parallel.zero_stage,
+            "precision": self.cfg.parallel.precision,
+        }
+        self.result.checkpoint = checkpoint.save(
+            self.engine,
+            self.out,
+            self.step,
+            self.rank,
+            rank_state,
+            meta,
+            self.config_yaml,
+            self.train_cfg.keep_checkpoints,
+            exports=lambda directory: export_weights(directory, self.cfg, states),
+        )
+
+    def save_on_preemption(self) -> None:
+        """After a SIGTERM: checkpoint the step reached unless it is already committed; mark the result."""
+        committed = self.result.checkpoint
+        if committed is None or committed.name != step_dir(self.out, self.step).name:
+            self.save()
+        self.result.preempted = True
+
+    def _ema_state(self) -> dict[str, Tensor] | None:
+        """The full state dict with the EMA weights in place (a collective under ZeRO-3)."""
+        with self.ema.applied():
+            return full_state(self.engine.module, self.zero3)

@@ -9,7 +9,7 @@ and a sheet with three rows per clip — its low-resolution input, the sample an
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -21,16 +21,18 @@ from models.text import ByteTextEncoder
 from stages.media import contact_sheet, write_mp4
 from stages.sampling import generate, to_uint8
 
+if TYPE_CHECKING:  # the loader module loads webdataset: `import stages.train` stays without it
+    from stages.shards.loader import Batch
 
-def _items(batch: dict[str, Any], n: int) -> tuple[Tensor, list[str], float]:
+
+def _items(batch: Batch, n: int) -> tuple[Tensor, list[str], float]:
     """The first `n` clips of a batch with their captions and frame rate; packed images are unpacked
     into single-frame clips (fps 0)."""
-    x = batch["x"]  # (B, C, T, H, W)
-    if batch["kind"] == "video":
-        return x[:n], list(batch["captions"][:n]), float(batch["fps"][0])
+    x = batch.x  # (B, C, T, H, W)
+    if batch.kind == "video":
+        return x[:n], batch.flat_captions()[:n], float(batch.fps[0])
     frames = x.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1], 1, *x.shape[3:])  # (B·T, C, 1, H, W)
-    captions = [c for item in batch["captions"] for c in item]
-    return frames[:n], captions[:n], 0.0
+    return frames[:n], batch.flat_captions()[:n], 0.0
 
 
 def write_previews(
@@ -39,11 +41,11 @@ def write_previews(
     step: int,
     frozen_text: nn.Module | None = None,
     device: torch.device | str = "cpu",
-    clips: dict[str, Any] | None = None,
+    clips: Batch | None = None,
 ) -> Path:
     """Sample previews on `device` from a full trainer state dict (`dit.*`, and `text.*` for the byte
     encoder; a frozen T5 is passed as `frozen_text`); returns the preview directory. Super-resolution
-    models need `clips`, a training batch (`x` (B, C, T, H, W) in [-1, 1], `kind`, `captions`, `fps`)."""
+    models need `clips`, a training batch at the stage's training geometry (`fit_batch`)."""
     model = VideoDiT(cfg.model)
     model.load_weights({k.removeprefix("dit."): v for k, v in state.items() if k.startswith("dit.")})
     text = frozen_text

@@ -1,14 +1,25 @@
-"""What the training loop (`stages/train.py`) reads from the device, and when.
+"""What the training loop (`stages/train/loop.py`) reads from the device, and when.
 
 On a GPU every read of a device value (`.item()`, `.tolist()`, `float(tensor)`, a Python `if` on a
 tensor) makes the host wait until the device has caught up, so the host can no longer queue work ahead.
-The loop keeps one such wait per step: whether the micro-batch loss is finite, which must be known
-before backward (a non-finite loss skips backward and the optimizer). `nonfinite` answers it for
-several values at once, so the same wait also settles the previous step's gradient norm when DeepSpeed
-returned it as a device tensor. Everything else a step produces (its losses, per-sample losses and
-gradient norm) stays on the device in a `StepRecord` until a log line (`train.log_every`), a preview, a
-checkpoint or the end of training reads it, in one transfer (`read_means`,
-`stages.train.metrics.read_values`).
+The loop keeps one such wait per micro-batch: whether the micro-batch loss is finite, which must be
+known before backward (a non-finite loss skips backward and the optimizer). `nonfinite` answers it for
+several values at once.
+
+Settling one step late. A step is settled when its verdict is known and acted on: skipped (a non-finite
+loss, or a non-finite global gradient norm: DeepSpeed skipped an fp16 overflow or the gradient blew up)
+or kept (the EMA update), then its metrics. When DeepSpeed returns the gradient norm as a device tensor,
+reading it at once would be a second wait per step. The step is then held as the pending `StepRecord`,
+and its gradient norm joins the next step's first loss check, in the same `nonfinite` call: that wait
+settles the pending step after the next step's forward and before its backward, while the weights are
+still the pending step's own. Steps that write a log line, a preview or a checkpoint (`settled_at_once`)
+are settled right away (`grad_norm_bad`, one more read), so what they write is settled; so is a step
+still pending when a SIGTERM stops the loop, before the preemption checkpoint. Either way a step gets
+the same verdict.
+
+Everything else a step produces (its losses, per-sample losses and gradient norm) stays on the device in
+a `StepRecord` until a log line (`train.log_every`), a preview, a checkpoint or the end of training reads
+it, in one transfer (`read_means`, `stages.train.metrics.read_values`).
 """
 
 from __future__ import annotations
@@ -41,14 +52,14 @@ def grad_norm_bad(grad_norm: Tensor | float | None) -> bool:
     return grad_norm is not None and not math.isfinite(float(grad_norm))
 
 
-def settled_at_once(step: int, t: TrainConfig) -> bool:
+def settled_at_once(step: int, train_cfg: TrainConfig) -> bool:
     """Whether step `step` (1-based) writes a log line, a preview or a checkpoint: its outcome is then
     settled right away rather than on the next step's wait."""
     return (
-        step % t.log_every == 0
-        or step >= t.steps
-        or step % t.checkpoint_every == 0
-        or bool(t.preview_every and step % t.preview_every == 0)
+        step % train_cfg.log_every == 0
+        or step >= train_cfg.steps
+        or step % train_cfg.checkpoint_every == 0
+        or bool(train_cfg.preview_every and step % train_cfg.preview_every == 0)
     )
 
 

@@ -256,8 +256,8 @@ def test_precomputed_t5_embeddings_reach_the_loader(tmp_path, tiny_t5_dir):
 
     run = load_config(overrides=[*SMALL, *text, f"data.shards={tmp_path / 'out'}", "data.batch_size=2"])
     batch = next(iter(loader_from_config(run, rank=0, world_size=1, train=False)))
-    lengths = batch["text_mask"].sum(dim=1)
-    assert batch["text"].shape[:2] == batch["text_mask"].shape and batch["text"].shape[2] == 32
-    for key, length in zip(batch["keys"], lengths.tolist(), strict=True):
+    lengths = batch.text_mask.sum(dim=1)
+    assert batch.text.shape[:2] == batch.text_mask.shape and batch.text.shape[2] == 32
+    for key, length in zip(batch.keys, lengths.tolist(), strict=True):
         (sample,) = [s for s in samples if s.key == key]
         assert length == sample.text.shape[0]

@@ -76,15 +76,15 @@ def _fixed_eval_loss(cfg, directory: Path | None) -> float:
         module.text.load_state_dict(_weights(directory, "model_text"))
     batches = iter(loader_from_config(cfg, rank=0, world_size=1, train=False))
     batch = next(batches)
-    while batch["kind"] != "video":
+    while batch.kind != "video":
         batch = next(batches)
-    x = batch["x"]
+    x = batch.x
     g = torch.Generator().manual_seed(0)
     t = torch.linspace(0.05, 0.95, x.shape[0])
     noise = torch.randn(x.shape, generator=g)
     with torch.no_grad():
         loss = module(
-            x, t, noise, captions=batch["captions"], text=None, text_mask=None, fps=batch["fps"],
+            x, t, noise, captions=batch.captions, text=None, text_mask=None, fps=batch.fps,
             drop_text=torch.zeros(x.shape[0], dtype=torch.bool),
         )  # fmt: skip
     return loss.mean().item()
@@ -308,7 +308,7 @@ def test_non_finite_steps_in_a_row_abort_without_a_checkpoint(shards, tmp_path):
 def test_steps_settled_on_the_next_sync_match_steps_settled_at_once(shards, tmp_path, monkeypatch):
     """Under ZeRO-2 DeepSpeed reports the gradient norm as a device tensor, so a step between log lines
     is settled (skip or EMA update, metrics) on the next step's loss check instead of by its own read
-    (stages/train_sync.py). Logging every 4 steps must then give exactly what logging every step (every
+    (stages/train/sync.py). Logging every 4 steps must then give exactly what logging every step (every
     step settled at once) gives: losses, skips, model and EMA weights and log values, also for a step
     whose gradient norm comes back infinite (injected at step 3; DeepSpeed applied that step)."""
     from deepspeed.runtime.engine import DeepSpeedEngine

@@ -83,12 +83,12 @@ def test_super_resolution_beats_interpolation(data, tmp_path, kind):
 
     held = _cfg(held_shards, tmp_path / "held", kind, "data.batch_size=16")
     batch = next(iter(loader_from_config(held, 0, 1, train=False)))
-    clips = batch["x"]  # (16, 3, 4, 16, 16) in [-1, 1]
+    clips = batch.x  # (16, 3, 4, 16, 16) in [-1, 1]
     upsampled = degrade(clips, kind, 2)  # bicubic (ssr) or frame repetition (tsr) of the low-res input
     video = generate(
         model,
         text,
-        list(batch["captions"]),
+        list(batch.captions),
         frames=4,
         height=16,
         width=16,

@@ -1,16 +1,17 @@
 """Training loader: disjoint coverage over ranks × workers, one shape per batch, exact pixels, image
-packing, bounded buckets and exact resume (num_workers 0 and 2)."""
+packing, bounded buckets, exact resume (num_workers 0 and 2), and batches that pickle and pin."""
 
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
 from stages.shards import encode_sample, write_shard
-from stages.shards.loader import _Bucketer, _Record, make_loader
+from stages.shards.loader import Batch, Bucketer, Record, make_loader
 
 SHARDS, PER_SHARD = 8, 6
 VIDEO_SHAPES = [(4, 8, 8), (4, 8, 12)]
@@ -49,16 +50,16 @@ def dataset(tmp_path_factory):
 
 
 def _flat_keys(batch) -> list[str]:
-    return [k for item in batch["keys"] for k in item] if batch["kind"] == "images" else list(batch["keys"])
+    return [k for item in batch.keys for k in item] if batch.kind == "images" else list(batch.keys)
 
 
 def _check_pixels(batch, frames) -> None:
     """Every batch has one shape and rebuilds the exact uint8 frames of its samples."""
-    x = batch["x"]
+    x = batch.x
     assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
     pixels = ((x + 1) * 127.5).round().to(torch.uint8)  # (B, C, T, H, W)
-    for b, key in enumerate(batch["keys"]):
-        if batch["kind"] == "video":
+    for b, key in enumerate(batch.keys):
+        if batch.kind == "video":
             expected = torch.from_numpy(frames[key]).permute(3, 0, 1, 2)
             assert torch.equal(pixels[b], expected), key
         else:
@@ -93,21 +94,76 @@ def test_image_fraction_packs_images_with_segments(dataset):
     kinds = []
     for batch, _ in zip(_loader(root, image_fraction=0.5), range(16)):
         _check_pixels(batch, frames)
-        kinds.append(batch["kind"])
-        b, c, t, h, w = batch["x"].shape
-        if batch["kind"] == "images":
+        kinds.append(batch.kind)
+        b, c, t, h, w = batch.x.shape
+        if batch.kind == "images":
             assert (c, h, w) == (3, 8, 8)
             assert t == 3 or b == 1  # images_per_item frames per item; one short item at an epoch end
-            assert torch.equal(batch["segments"], torch.arange(t).expand(b, t))
-            assert torch.equal(batch["fps"], torch.zeros(b, t))
-            assert [len(c) for c in batch["captions"]] == [t] * b
-            assert batch["captions"][0][0] == f"caption {batch['keys'][0][0]}"
+            assert torch.equal(batch.segments, torch.arange(t).expand(b, t))
+            assert torch.equal(batch.fps, torch.zeros(b, t))
+            assert [len(c) for c in batch.captions] == [t] * b
+            assert batch.captions[0][0] == f"caption {batch.keys[0][0]}"
         else:
-            assert batch["segments"] is None and batch["fps"].shape == (b,) and t == 4
-            assert batch["captions"] == [f"caption {k}" for k in batch["keys"]]
+            assert batch.segments is None and batch.fps.shape == (b,) and t == 4
+            assert batch.captions == [f"caption {k}" for k in batch.keys]
     assert {"images", "video"} == set(kinds)
-    only_video = [b["kind"] for b, _ in zip(_loader(root, image_fraction=0.0), range(8))]
+    only_video = [b.kind for b, _ in zip(_loader(root, image_fraction=0.0), range(8))]
     assert set(only_video) == {"video"}
+
+
+def test_batches_flatten_captions_pickle_and_pin_every_tensor(dataset, monkeypatch):
+    root, _ = dataset
+    batches = [batch for batch, _ in zip(_loader(root, image_fraction=0.5), range(16))]
+    for kind in ("video", "images"):
+        batch = next(b for b in batches if b.kind == kind)
+        assert batch.flat_captions() == [f"caption {k}" for k in _flat_keys(batch)]
+        again = pickle.loads(pickle.dumps(batch))  # what DataLoader workers send to the main process
+        assert _same(again, batch) and again.flat_captions() == batch.flat_captions()
+        assert torch.equal(again.fps, batch.fps) and again.kind == kind
+
+    pinned: list[torch.Tensor] = []
+
+    def pin(tensor):  # pinning itself needs an accelerator: record the call, copy the tensor
+        pinned.append(tensor)
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    b, t = 2, 3
+    batch = Batch(
+        x=torch.rand(b, 3, t, 8, 8),
+        kind="images",
+        captions=[["a"] * t] * b,
+        keys=[["k"] * t] * b,
+        fps=torch.zeros(b, t),
+        segments=torch.arange(t).expand(b, t).clone(),
+        text=torch.rand(b, t, 5, 4),
+        text_mask=torch.ones(b, t, 5, dtype=torch.bool),
+        position={"worker": 0, "batches": 1, "video": [0, 0], "images": [0, 1]},
+    )
+    copy = batch.pin_memory()
+    tensors = [batch.x, batch.fps, batch.segments, batch.text, batch.text_mask]
+    assert len(pinned) == len(tensors) and all(any(seen is want for seen in pinned) for want in tensors)
+    for name in ("x", "fps", "segments", "text", "text_mask"):
+        assert torch.equal(getattr(copy, name), getattr(batch, name))
+        assert getattr(copy, name) is not getattr(batch, name)
+    assert (copy.kind, copy.captions, copy.keys, copy.position) == (
+        batch.kind,
+        batch.captions,
+        batch.keys,
+        batch.position,
+    )
+    assert batch.replace(segments=None, text=None, text_mask=None).pin_memory().text is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory)")
+def test_pin_memory_loader_yields_pinned_batches(dataset):
+    root, frames = dataset
+    loader = _loader(root, image_fraction=0.5, num_workers=2, pin_memory=True)
+    for batch, _ in zip(loader, range(8)):
+        _check_pixels(batch, frames)
+        assert batch.x.is_pinned() and batch.fps.is_pinned()
+        assert batch.segments is None or batch.segments.is_pinned()
 
 
 def test_pipe_urls_and_too_few_shards_are_refused(dataset, tmp_path):
@@ -124,10 +180,10 @@ def test_pipe_urls_and_too_few_shards_are_refused(dataset, tmp_path):
 
 def test_bucketer_bounds_pending_and_drops_nothing():
     def record(i, shape):
-        return _Record(members={"i": i}, meta={"frames": shape[0], "height": shape[1], "width": shape[2]})
+        return Record(members={"i": i}, meta={"frames": shape[0], "height": shape[1], "width": shape[2]})
 
     shapes = [(1, 8, 8 + 4 * (i % 5)) for i in range(7)] * 10
-    bucketer, out = _Bucketer(capacity=6, item=3, max_pending=9), []
+    bucketer, out = Bucketer(capacity=6, item=3, max_pending=9), []
     for i, shape in enumerate(shapes):
         out += bucketer.add(record(i, shape))
         assert bucketer.total < 9
@@ -144,7 +200,7 @@ def _take(loader, n):
 
 
 def _same(a, b) -> bool:
-    return a["keys"] == b["keys"] and torch.equal(a["x"], b["x"]) and a["position"] == b["position"]
+    return a.keys == b.keys and torch.equal(a.x, b.x) and a.position == b.position
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -161,7 +217,7 @@ def test_resume_yields_the_batches_of_an_uninterrupted_run(dataset, workers):
     resumed.load_state_dict(state)
     tail = _take(resumed, m)
     assert all(_same(a, b) for a, b in zip(head + tail, reference))
-    assert max(b["position"]["video"][0] for b in reference) >= 1  # the run went past an epoch
+    assert max(b.position["video"][0] for b in reference) >= 1  # the run went past an epoch
 
     with pytest.raises(ValueError, match="seed"):
         _loader(root, **{**kw, "seed": 4}).load_state_dict(state)
