@@ -28,6 +28,7 @@ from torch import Tensor
 from configs import RunConfig, dump_config
 from models.text import T5TextEncoder
 from stages.artifacts import export_weights, step_dir
+from stages.atomic import remove_leftovers
 from stages.precision import torch_dtype
 from stages.train import checkpoint
 from stages.train.batches import draw_noise, encode_frozen, fit_batch, sr_pair
@@ -204,7 +205,10 @@ class TrainingRun:
         )
 
     def finish(self) -> TrainResult:
-        """The result, every step's loss read to the host."""
+        """The result, every step's loss read to the host. Rank 0 also removes what a process killed
+        mid-write left in train.out_dir: every rank's last checkpoint write is behind a barrier."""
+        if self.rank == 0:
+            remove_leftovers(self.out)
         read_means(self.step_losses)
         self.result.losses = [float(loss) for loss in self.step_losses]  # all floats already: no device read
         self.result.step = self.step

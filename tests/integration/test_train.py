@@ -245,12 +245,15 @@ def test_a_save_without_its_commit_marker_is_never_resumed_from(shards, tmp_path
     train(_cfg(shards, out, "train.steps=8", "train.checkpoint_every=4"), progress=False)
     (artifacts.step_dir(out, 8) / artifacts.MARKER).unlink()  # as if the job died while saving step 8
     (artifacts.step_dir(out, 8) / "rank_00000.pt").write_bytes(b"torn")
+    torn_log = out / "metrics.jsonl.tmp-4242-4243"  # a rewrite of the log killed halfway
+    torn_log.write_text('{"step": 3, "lo')
     assert checkpoint.resolve_resume(out, "auto") == artifacts.step_dir(out, 4)
     with pytest.raises(ValueError, match="not a committed checkpoint"):
         checkpoint.resolve_resume(out, str(artifacts.step_dir(out, 8)))
 
     result = train(_cfg(shards, out, "train.steps=8", "train.checkpoint_every=4"), progress=False)
     assert result.step == 8 and (artifacts.step_dir(out, 8) / artifacts.MARKER).exists()
+    assert not torn_log.exists()
     assert _same_weights(
         _weights(artifacts.step_dir(out, 8), "ema"), _weights(artifacts.step_dir(ref_out, 8), "ema")
     )
