@@ -10,9 +10,10 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 from configs import ConfigError, RenderConfig, RunConfig, dump_config, fingerprint, load_config
-from configs.validate import CHOICES
+from configs.schema import RenderPrecision
 from pipeline.graph import GraphError
 
 
@@ -264,7 +265,7 @@ def _render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default=RenderConfig.precision,
-        help=f"dtype of the stage models: {' or '.join(CHOICES['render.precision'])} (outputs stay float32)",
+        help=f"dtype of the stage models: {' or '.join(get_args(RenderPrecision))} (outputs stay float32)",
     )
     p.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process Ray)")
