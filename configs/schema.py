@@ -289,7 +289,7 @@ class RenderConfig:
 
 @dataclass
 class CascadeStageConfig:
-    """One stage of a rendering cascade (`configs/cascade/*.yaml`): its model and its output shape."""
+    """One stage of a rendering cascade (`configs/cascade/*.yaml`): its model, output shape and sampler."""
 
     name: str = ""
     """Stage name, unique in the cascade (used in output file names and `upscale --from-stage`)."""
@@ -307,17 +307,18 @@ class CascadeStageConfig:
     """Output width W in pixels."""
     fps: float = 8.0
     """Output frame rate (0 for still images)."""
-    sampler: SamplerName = "ddim"
+    # the sampler's settings default to the `diffusion` section's
+    sampler: SamplerName = DiffusionConfig.sampler
     """Sampling algorithm (as diffusion.sampler)."""
-    steps: int = 50
+    steps: int = DiffusionConfig.steps
     """Sampling steps."""
-    guidance_scale: float = 4.0
+    guidance_scale: float = DiffusionConfig.guidance_scale
     """Classifier-free guidance weight (1 disables guidance)."""
-    guidance_schedule: GuidanceSchedule = "constant"
+    guidance_schedule: GuidanceSchedule = DiffusionConfig.guidance_schedule
     """constant or oscillating (high weight first, then alternating with guidance_low)."""
-    guidance_low: float = 1.0
+    guidance_low: float = DiffusionConfig.guidance_low
     """The low weight of the oscillating schedule."""
-    cond_aug_level: float = 0.1
+    cond_aug_level: float = DiffusionConfig.cond_aug_level
     """Super-resolution: conditioning-augmentation level applied to the previous stage's output."""
 
 

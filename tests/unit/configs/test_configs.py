@@ -213,3 +213,11 @@ def test_the_models_dispatch_on_the_config_choices():
     assert get_args(LossWeighting) == WEIGHTINGS
     assert tuple(DTYPES) == get_args(TrainPrecision)
     assert set(get_args(RenderPrecision)) <= set(DTYPES)
+
+
+def test_cascade_stages_sample_with_the_diffusion_sections_defaults():
+    stage, diffusion = CascadeStageConfig(), RunConfig().diffusion
+    shared = ("sampler", "steps", "guidance_scale", "guidance_schedule", "guidance_low", "cond_aug_level")
+    assert {name: getattr(stage, name) for name in shared} == {
+        name: getattr(diffusion, name) for name in shared
+    }
