@@ -6,6 +6,8 @@ Each failure raises ValueError naming the dotted field, the value and what was e
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from configs.schema import (
@@ -17,6 +19,7 @@ from configs.schema import (
     PreprocessConfig,
     RenderConfig,
     RunConfig,
+    SynthConfig,
     TextConfig,
     TrainConfig,
 )
@@ -47,10 +50,6 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}: got {value}, expected {bound}")
-
-
-MAX_SHAPE_SIZE = 0.75
-"""Largest `synth.shape_size`: a bigger box leaves the shape too little room to move."""
 
 
 def check_unit_interval(name: str, value: float) -> None:
@@ -214,21 +213,49 @@ def validate_render(r: RenderConfig) -> None:
     check_choices(r, "render")
 
 
+MAX_SHAPE_SIZE = 0.75
+"""Largest `synth.shape_size`: a bigger box leaves the shape too little room to move."""
+
+
+def _check_integer(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}: got {value!r}, expected an integer >= {minimum}")
+
+
+def _check_number(name: str, value: object, expected: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}: got {value!r}, expected a finite number {expected}")
+
+
+def validate_synth(s: SynthConfig, prefix: str = "") -> None:
+    """The synthetic dataset's settings, for `stages.synth.run_synth` and a pipeline's `synth` section
+    (`prefix` "synth."). Values built in code are type-checked too. ValueError naming the field (after
+    `prefix`), the value and what was expected."""
+    _check_integer(f"{prefix}count", s.count, 1)
+    _check_integer(f"{prefix}frames", s.frames, 2)
+    _check_integer(f"{prefix}size", s.size, 16)
+    if s.size % 2:
+        raise ValueError(
+            f"{prefix}size: got {s.size}, expected an even size (H.264 yuv420p needs even sides)"
+        )
+    _check_number(f"{prefix}fps", s.fps, "> 0")
+    check_positive(f"{prefix}fps", s.fps)
+    _check_integer(f"{prefix}seed", s.seed, 0)
+    for name in ("image_fraction", "position_jitter"):
+        _check_number(f"{prefix}{name}", getattr(s, name), "in [0, 1]")
+        check_unit_interval(f"{prefix}{name}", getattr(s, name))
+    _check_number(f"{prefix}shape_size", s.shape_size, f"in (0, {MAX_SHAPE_SIZE}]")
+    if not 0.0 < s.shape_size <= MAX_SHAPE_SIZE:
+        raise ValueError(f"{prefix}shape_size: got {s.shape_size}, expected a value in (0, {MAX_SHAPE_SIZE}]")
+
+
 def _validate_pipeline(p: PipelineConfig) -> None:
     """A pipeline's own fields; its run configs and cascade are checked when its graph is built."""
     for name in ("name", "out_dir"):
         if not getattr(p, name).strip():
             raise ValueError(f"{name}: empty; expected a non-empty string")
     if not p.inputs:
-        for name in ("count", "frames", "size"):
-            check_positive(f"synth.{name}", getattr(p.synth, name))
-        check_positive("synth.fps", p.synth.fps)
-        check_unit_interval("synth.image_fraction", p.synth.image_fraction)
-        check_unit_interval("synth.position_jitter", p.synth.position_jitter)
-        if not 0.0 < p.synth.shape_size <= MAX_SHAPE_SIZE:
-            raise ValueError(
-                f"synth.shape_size: got {p.synth.shape_size}, expected a value in (0, {MAX_SHAPE_SIZE}]"
-            )
+        validate_synth(p.synth, prefix="synth.")
     for name, t in p.trainings.items():
         if not t.config:
             raise ValueError(f"trainings.{name}.config: empty; expected run-config YAML files and overrides")
@@ -245,8 +272,8 @@ def _validate_pipeline(p: PipelineConfig) -> None:
 
 
 def validate(cfg: Any) -> None:
-    """Check a RunConfig (every section and the rules between them), a ModelConfig, a TextConfig or a
-    PipelineConfig."""
+    """Check a RunConfig (every section and the rules between them), a ModelConfig, a TextConfig, a
+    PipelineConfig or a SynthConfig."""
     if isinstance(cfg, ModelConfig):
         validate_model(cfg)
         return
@@ -255,6 +282,9 @@ def validate(cfg: Any) -> None:
         return
     if isinstance(cfg, PipelineConfig):
         _validate_pipeline(cfg)
+        return
+    if isinstance(cfg, SynthConfig):
+        validate_synth(cfg)
         return
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"cannot validate {type(cfg).__name__}")

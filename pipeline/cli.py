@@ -6,13 +6,14 @@ Configs are given as YAML paths followed by dotted overrides (`model.depth=12`),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
+from typing import get_args, get_type_hints
 
-from configs import ConfigError, RenderConfig, RunConfig, dump_config, fingerprint, load_config
+from configs import ConfigError, RenderConfig, RunConfig, SynthConfig, dump_config, fingerprint, load_config
 from configs.schema import RenderPrecision
 from pipeline.graph import GraphError
 
@@ -89,18 +90,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from stages.synth import run_synth
 
-    summary = run_synth(
-        Path(args.out),
-        args.count,
-        frames=args.frames,
-        size=args.size,
-        fps=args.fps,
-        seed=args.seed,
-        image_fraction=args.image_fraction,
-        position_jitter=args.position_jitter,
-        shape_size=args.shape_size,
-        progress=not args.quiet,
-    )
+    cfg = SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
+    summary = run_synth(Path(args.out), cfg, progress=not args.quiet)
     print(f"wrote {summary.videos} videos and {summary.images} images with captions to {summary.out}")
     return 0
 
@@ -252,6 +243,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataclass_options(p: argparse.ArgumentParser, cls: type) -> None:
+    """One `--field-name` option per field of the flat dataclass `cls`, with its type, default and
+    docstring (the values are checked where the config is used)."""
+    from configs.reference import field_docs
+
+    docs, types = field_docs(cls), get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        help_text = docs[f.name].replace("%", "%%") + " (default: %(default)s)"
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=types[f.name], default=f.default, help=help_text)
+
+
 def _render_options(p: argparse.ArgumentParser) -> None:
     """Options shared by render and upscale."""
     p.add_argument("overrides", nargs="*", help="cascade overrides key=value (e.g. stages.1.steps=16)")
@@ -293,20 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_preprocess)
     p = sub.add_parser("synth", help="write the synthetic captioned video/image dataset")
-    p.add_argument("--out", required=True)
-    p.add_argument("--count", type=int, required=True, help="number of files (videos + images)")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--fps", type=float, default=8.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-fraction", type=float, default=0.25)
-    p.add_argument(
-        "--position-jitter", type=float, default=1.0, help="0 = shapes on the centre line, 1 = anywhere"
-    )
-    p.add_argument(
-        "--shape-size", type=float, default=1 / 3, help="side of a shape's box as a share of the frame's"
-    )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", required=True, help="output directory")
+    _dataclass_options(p, SynthConfig)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)
     p = sub.add_parser("train", help="train: one process of a launcher's world, or --ray for Ray Train")
     p.add_argument("config", nargs="*", help="YAML files and key=value overrides, in order")

@@ -32,6 +32,8 @@ from tqdm import tqdm
 from configs import (
     CascadeConfig,
     ConfigError,
+    PipelineConfig,
+    PipelineTrainingConfig,
     RenderConfig,
     RunConfig,
     check_stage_model,
@@ -41,7 +43,6 @@ from configs import (
     load_config,
     to_dict,
 )
-from configs.schema import PipelineConfig, PipelineTrainingConfig
 from pipeline.graph import GraphStage, Plan
 
 RENDERS = "renders"
@@ -244,19 +245,7 @@ class PipelineJob:
     def _synth(self) -> str:
         from stages.synth import run_synth
 
-        s = self.cfg.synth
-        summary = run_synth(
-            self.out / DATA,
-            s.count,
-            s.frames,
-            s.size,
-            s.fps,
-            s.seed,
-            s.image_fraction,
-            s.position_jitter,
-            s.shape_size,
-            progress=self.progress,
-        )
+        summary = run_synth(self.out / DATA, self.cfg.synth, progress=self.progress)
         return f"{summary.videos} videos and {summary.images} images"
 
     def _preprocess(self) -> str:
