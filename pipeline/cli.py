@@ -13,7 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args, get_type_hints
 
-from configs import ConfigError, RenderConfig, RunConfig, SynthConfig, dump_config, fingerprint, load_config
+from configs import (
+    ConfigError,
+    PipelineTrainingConfig,
+    RenderConfig,
+    RunConfig,
+    SynthConfig,
+    dump_config,
+    fingerprint,
+    load_config,
+)
 from configs.schema import RenderPrecision
 from pipeline.graph import GraphError
 
@@ -306,9 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ray", action="store_true", help="run the same worker function under Ray Train")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process Ray)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (--ray)")
-    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (and threads) per worker (--ray)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker (--ray)")
+    training = PipelineTrainingConfig  # the defaults of a pipeline's trainings.NAME
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=training.workers,
+        help="Ray Train workers, one rank each (--ray; default %(default)s: pass --workers N for more)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=training.cpus_per_worker,
+        help="CPUs (and threads) per worker (--ray; default %(default)s)",
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=training.gpus_per_worker,
+        help="GPUs per Ray Train worker (--ray; default %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("render", help="render prompts through a cascade (one Ray actor per stage; --local)")

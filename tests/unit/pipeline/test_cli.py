@@ -9,7 +9,7 @@ from pathlib import Path
 import av
 import pytest
 
-from configs import ConfigError, SynthConfig, load_config
+from configs import ConfigError, PipelineTrainingConfig, SynthConfig, load_config
 from pipeline.cli import main
 from stages.render.output import load_video_tensor
 from tests import ROOT
@@ -191,3 +191,18 @@ def test_render_precision_is_checked_and_reruns_only_the_render():
         ConfigError, match="render_precision: unknown value 'fp16'; expected one of fp32, bf16"
     ):
         load_pipeline(demo, ["render_precision=fp16"])
+
+
+def test_ray_train_worker_defaults_are_a_pipeline_trainings():
+    import inspect
+
+    from pipeline.cli import build_parser
+    from pipeline.ray_train import ray_train
+
+    names = ("workers", "cpus_per_worker", "gpus_per_worker")
+    expected = {name: getattr(PipelineTrainingConfig(), name) for name in names}
+    assert expected == {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0.0}
+    args = build_parser().parse_args(["train", "configs/tiny.yaml", "--ray"])
+    assert {name: getattr(args, name) for name in names} == expected
+    signature = inspect.signature(ray_train).parameters
+    assert {name: signature[name].default for name in names} == expected
