@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -42,7 +42,9 @@ from configs import (
     load_cascade,
     load_config,
     to_dict,
+    validate_cascade,
 )
+from configs.validate import validate
 from pipeline.graph import GraphStage, Plan
 
 RENDERS = "renders"
@@ -61,12 +63,22 @@ def split_items(items: Sequence[str]) -> tuple[list[str], list[str]]:
     return [i for i in items if "=" not in i], [i for i in items if "=" in i]
 
 
-def _run_config(items: Sequence[str], extra: Sequence[str], where: str) -> RunConfig:
+def _run_config(items: Sequence[str], where: str) -> RunConfig:
+    """The run config of `items` (YAML paths and overrides); a ConfigError names `where`."""
     paths, overrides = split_items(items)
     try:
-        return load_config(paths, [*overrides, *extra])
+        return load_config(paths, overrides)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _checked(run: RunConfig, where: str) -> RunConfig:
+    """`run` once validated again, after the job has set its paths; a ConfigError names `where`."""
+    try:
+        validate(run)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return run
 
 
 class PipelineJob:
@@ -78,18 +90,24 @@ class PipelineJob:
         self.progress = progress
         self.out = Path(cfg.out_dir)
         self.inputs = list(cfg.inputs) or [str(self.out / DATA)]
-        self.preprocess = _run_config(cfg.preprocess, [f"preprocess.out={self.out / SHARDS}"], "preprocess")
-        self.trainings = {
-            name: _run_config(
-                t.config,
-                [f"data.shards={self.out / SHARDS / 'shards'}", f"train.out_dir={self.out / name}"],
-                f"trainings.{name}",
-            )
-            for name, t in cfg.trainings.items()
-        }
+        pre = _run_config(cfg.preprocess, "preprocess")
+        pre = replace(pre, preprocess=replace(pre.preprocess, out=str(self.out / SHARDS)))
+        self.preprocess = _checked(pre, "preprocess")
+        self.trainings = {name: self._training(name, t) for name, t in cfg.trainings.items()}
         for name, run in self.trainings.items():
             self._check_geometry(name, run)
         self.cascade = self._load_cascade() if cfg.cascade else None
+
+    def _training(self, name: str, t: PipelineTrainingConfig) -> RunConfig:
+        """A training's run config, reading the preprocessed shards and writing to `{out_dir}/{name}`."""
+        where = f"trainings.{name}"
+        run = _run_config(t.config, where)
+        run = replace(
+            run,
+            data=replace(run.data, shards=str(self.out / SHARDS / "shards")),
+            train=replace(run.train, out_dir=str(self.out / name)),
+        )
+        return _checked(run, where)
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -115,8 +133,8 @@ class PipelineJob:
     def _load_cascade(self) -> CascadeConfig:
         """The cascade with each stage named like a training pointed at that training's out_dir."""
         cfg = self.cfg
-        probe = load_cascade(cfg.cascade, cfg.cascade_overrides)
-        names = [s.name for s in probe.stages]
+        cascade = load_cascade(cfg.cascade, cfg.cascade_overrides)
+        names = [s.name for s in cascade.stages]
         unknown = sorted(set(self.trainings) - set(names))
         if unknown:
             raise ConfigError(
@@ -124,9 +142,14 @@ class PipelineJob:
                 "a training renders in the cascade stage of the same name"
             )
         pointed = [
-            f"stages.{i}.checkpoint={self.out / n}" for i, n in enumerate(names) if n in self.trainings
+            replace(s, checkpoint=str(self.out / s.name)) if s.name in self.trainings else s
+            for s in cascade.stages
         ]
-        cascade = load_cascade(cfg.cascade, [*cfg.cascade_overrides, *pointed])
+        cascade = replace(cascade, stages=pointed)
+        try:
+            validate_cascade(cascade)
+        except ValueError as err:
+            raise ConfigError(f"{cfg.cascade}: {err}") from None
         for i, stage in enumerate(cascade.stages):
             run = self.trainings.get(stage.name)
             if run is None:
