@@ -414,11 +414,7 @@ class PipelineConfig:
     """Overrides of the cascade (e.g. stages.1.steps=8)."""
     prompts: list[str] = field(default_factory=list)
     """Prompts rendered through the cascade, one video each."""
-    render_seed: int = 0
-    """Sampling seed of the renders."""
-    render_batch_size: int = 1
-    """Prompts sampled together per cascade stage."""
-    render_precision: RenderPrecision = "fp32"
-    """fp32 or bf16: dtype of the cascade's models while rendering (as render.precision)."""
+    render: RenderConfig = field(default_factory=RenderConfig)
+    """The render stage's settings; render.out_dir is set by the pipeline, to {out_dir}/renders."""
     render_gpus_per_stage: float = 0.0
-    """GPUs reserved for each cascade stage's Ray actor (0 on CPU machines)."""
+    """GPUs Ray reserves per cascade stage's actor (0 on CPU machines); a Ray placement, not in `render`."""

@@ -266,8 +266,7 @@ def _validate_pipeline(p: PipelineConfig) -> None:
         raise ValueError("prompts: empty; a pipeline with a cascade needs at least one prompt to render")
     if any(not text.strip() for text in p.prompts):
         raise ValueError(f"prompts: blank prompt in {p.prompts}; every prompt needs text")
-    check_positive("render_batch_size", p.render_batch_size)
-    check_choices(p)
+    validate_render(p.render)
     check_positive("render_gpus_per_stage", p.render_gpus_per_stage, allow_zero=True)
 
 

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -97,6 +98,7 @@ class PipelineJob:
         for name, run in self.trainings.items():
             self._check_geometry(name, run)
         self.cascade = self._load_cascade() if cfg.cascade else None
+        self.render = replace(cfg.render, out_dir=str(self.out / RENDERS))
 
     def _training(self, name: str, t: PipelineTrainingConfig) -> RunConfig:
         """A training's run config, reading the preprocessed shards and writing to `{out_dir}/{name}`."""
@@ -214,14 +216,11 @@ class PipelineJob:
             )
         trained = tuple(f"train-{name}" for name in self.trainings)
         if self.cascade is not None:
-            settings = {"cascade": to_dict(self.cascade), "prompts": cfg.prompts, "seed": cfg.render_seed}
-            if cfg.render_precision != "fp32":  # fp32 runs keep the fingerprints they had before the option
-                settings["precision"] = cfg.render_precision
             stages.append(
                 GraphStage(
                     "render",
                     trained,
-                    fingerprint(settings),
+                    fingerprint(self._render_settings()),
                     [out / RENDERS],
                     self._render,
                     f"{len(cfg.prompts)} prompts through {len(self.cascade.stages)} stages → {out / RENDERS}",
@@ -238,6 +237,19 @@ class PipelineJob:
             )
         )
         return stages
+
+    def _render_settings(self) -> dict[str, Any]:
+        """What the render stage's outputs depend on, for its fingerprint: the cascade, the prompts, the
+        seed, and each other output-changing render setting only while it is not at its default (so a new
+        setting leaves the fingerprints of runs at the defaults as they are). render.batch_size (the same
+        videos: every prompt has its own generators) and render.out_dir (the outputs' place) do not count.
+        """
+        settings = {"cascade": to_dict(self.cascade), "prompts": self.cfg.prompts, "seed": self.render.seed}
+        default = RenderConfig()
+        for name in ("precision", "save_intermediate", "contact_sheet"):
+            if getattr(self.render, name) != getattr(default, name):
+                settings[name] = getattr(self.render, name)
+        return settings
 
     def start_ray(self, plan: Plan) -> dict[str, float] | None:
         """Start (or connect to) Ray in this, the main, thread if any stage that uses Ray will run, and
@@ -326,16 +338,10 @@ class PipelineJob:
         from stages.render import render
 
         cfg = self.cfg
-        settings = RenderConfig(
-            out_dir=str(self.out / RENDERS),
-            seed=cfg.render_seed,
-            batch_size=cfg.render_batch_size,
-            precision=cfg.render_precision,
-        )
         summary = render(
             self.cascade,
             cfg.prompts,
-            settings,
+            self.render,
             cascade_file=cfg.cascade,
             executor=ray_executor(self.address, num_gpus=cfg.render_gpus_per_stage or None),
             progress=self.progress,

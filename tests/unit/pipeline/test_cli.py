@@ -180,7 +180,7 @@ def test_render_precision_is_checked_and_reruns_only_the_render():
     fingerprints = {
         precision: {
             s.name: s.fingerprint
-            for s in PipelineJob(load_pipeline(demo, [f"render_precision={precision}"])).stages()
+            for s in PipelineJob(load_pipeline(demo, [f"render.precision={precision}"])).stages()
         }
         for precision in ("fp32", "bf16")
     }
@@ -188,9 +188,9 @@ def test_render_precision_is_checked_and_reruns_only_the_render():
     assert {name for name in fp32 if fp32[name] != bf16[name]} == {"render"}
     assert fp32 == {s.name: s.fingerprint for s in PipelineJob(load_pipeline(demo)).stages()}  # the default
     with pytest.raises(
-        ConfigError, match="render_precision: unknown value 'fp16'; expected one of fp32, bf16"
+        ConfigError, match=r"render\.precision: unknown value 'fp16'; expected one of fp32, bf16"
     ):
-        load_pipeline(demo, ["render_precision=fp16"])
+        load_pipeline(demo, ["render.precision=fp16"])
 
 
 def test_ray_train_worker_defaults_are_a_pipeline_trainings():

@@ -4,6 +4,7 @@ changed fingerprint would retrain every existing run directory)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,27 @@ def test_typed_paths_give_the_configs_and_fingerprints_of_override_strings(overr
 def test_a_bad_training_config_names_the_training():
     with pytest.raises(ConfigError, match=r"^trainings.base: .*model.depth: got 0, expected > 0"):
         PipelineJob(load_pipeline([DEMO], ["trainings.base.config=[configs/demo/base.yaml,model.depth=0]"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "extra"),
+    [
+        ([], {}),
+        (["render.batch_size=2", "render.out_dir=elsewhere", "render_gpus_per_stage=1"], {}),
+        (["render.seed=3"], {"seed": 3}),
+        (["render.precision=bf16"], {"precision": "bf16"}),
+        (
+            ["render.save_intermediate=false", "render.contact_sheet=false"],
+            {"save_intermediate": False, "contact_sheet": False},
+        ),
+    ],
+)
+def test_the_render_section_reaches_the_render_stage_and_only_non_defaults_enter_its_fingerprint(
+    overrides, extra
+):
+    job, expected = _expected(overrides)
+    settings = {"cascade": to_dict(job.cascade), "prompts": job.cfg.prompts, "seed": 0, **extra}
+    assert {s.name: s.fingerprint for s in job.stages()}["render"] == fingerprint(settings)
+    assert job.render == dataclasses.replace(job.cfg.render, out_dir=str(Path(job.cfg.out_dir) / "renders"))
+    if not extra:  # the demo's settings (render.batch_size 6) and placement do not change what is rendered
+        assert fingerprint(settings) == expected["render"]
