@@ -71,7 +71,7 @@ def _absolute(cfg: RunConfig) -> RunConfig:
     )
 
 
-def _v2_enabled() -> bool:
+def v2_enabled() -> bool:
     """Whether Ray Train runs its V2 API, read from the variable as Ray reads it."""
     value = os.environ.get(RAY_TRAIN_V2)
     return value is None or value.lower() in ("1", "true")
@@ -137,7 +137,7 @@ def ray_train(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not _v2_enabled():
+    if not v2_enabled():
         raise RuntimeError(f"ray_train needs the Ray Train V2 API: unset {RAY_TRAIN_V2}=0")
     if workers < 1 or cpus_per_worker < 1:
         raise ValueError(f"workers={workers}, cpus_per_worker={cpus_per_worker}: need at least 1 of each")
