@@ -385,7 +385,7 @@ class PipelineTrainingConfig:
     config: list[str] = field(default_factory=list)
     """Run-config YAML files and key=value overrides, in order; data.shards and train.out_dir are set."""
     workers: int = 1
-    """Ray Train workers (ranks) of this training."""
+    """Ray Train workers (ranks) of this training (the default of `train --ray --workers` too)."""
     cpus_per_worker: int = 1
     """CPUs Ray reserves per worker (also its torch thread count)."""
     gpus_per_worker: float = 0.0
