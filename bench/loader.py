@@ -39,7 +39,7 @@ from pathlib import Path
 
 from report import print_table, record_header, write_record
 
-from configs import RunConfig, load_config
+from configs import RunConfig, SynthConfig, load_config
 from configs.presets import MODEL_PRESETS
 from stages.preprocess import run_preprocess
 from stages.synth import run_synth
@@ -139,15 +139,10 @@ def main() -> None:
     try:
         shards = scratch / "shards"
         cfg = run_config(args, shards, 0, scratch / "run")  # fails on a bad geometry before any work
-        run_synth(
-            scratch / "synth",
-            args.count,
-            frames=args.synth_frames,
-            size=args.synth_size,
-            fps=8.0,
-            image_fraction=0.0,
-            progress=False,
+        synth = SynthConfig(
+            count=args.count, frames=args.synth_frames, size=args.synth_size, fps=8.0, image_fraction=0.0
         )
+        run_synth(scratch / "synth", synth, progress=False)
         manifest = run_preprocess(cfg, [str(scratch / "synth")], progress=False)
         print(f"shards: {manifest['samples']} clips in {len(list(shards.glob('shards/*.tar')))} shards")
         init_distributed()  # a world of one, as bench/train_step.py

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from report import print_table, write_record
 
-from configs import load_config
+from configs import SynthConfig, load_config
 from stages.media import ClipSpec, frames_to_decode, resample_indices
 from stages.preprocess import discover, local_shard_executor, run_preprocess
 from stages.synth import run_synth
@@ -68,15 +68,10 @@ def main() -> None:
         source = args.input
         if source is None:
             source = str(scratch / "synth")
-            run_synth(
-                Path(source),
-                args.count,
-                frames=args.frames,
-                size=args.size,
-                fps=8.0,
-                image_fraction=0.0,
-                progress=False,
+            synth = SynthConfig(
+                count=args.count, frames=args.frames, size=args.size, fps=8.0, image_fraction=0.0
             )
+            run_synth(Path(source), synth, progress=False)
         videos = [item.path for item in discover([source]) if item.kind == "video" and not item.member]
         rows = []
         for workers in args.workers:

@@ -35,14 +35,15 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from report import print_table, record_header, write_record
 
 from configs import CascadeConfig, DataConfig, RenderConfig, RunConfig, TextConfig, dump_config, load_cascade
 from configs.cascade import stage_factor
-from configs.validate import CHOICES, validate
+from configs.schema import RenderPrecision
+from configs.validate import validate
 from models.dit import VideoDiT
 from models.flops import token_grid
 from models.text import ByteTextEncoder
@@ -123,8 +124,8 @@ def main() -> None:
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed one-step render")
     parser.add_argument(
         "--precision",
-        choices=CHOICES["render.precision"],
-        default="fp32",
+        choices=get_args(RenderPrecision),
+        default=RenderConfig.precision,
         help="render.precision: dtype of the stage models",
     )
     parser.add_argument("--override", nargs="*", default=[], help="dotted cascade overrides")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from configs.loader import ConfigError, _checked_layer, _merge_with_preset, _read_yaml
+from configs.loader import ConfigError, check_layer, merge_with_preset, read_yaml
 from configs.schema import CascadeConfig, CascadeStageConfig, ModelConfig
-from configs.validate import _choice, _positive, _unit_interval, validate_model
+from configs.validate import check_choices, check_positive, check_unit_interval, validate_model
 
 # ---------------------------------------------------------------------------------------- loading
 
@@ -41,20 +41,20 @@ def load_cascade(path: str | Path, overrides: Sequence[str] = ()) -> CascadeConf
     width/depth/heads beneath its explicit values, as for a run config.
     """
     source = str(path)
-    raw = _read_yaml(Path(path))
+    raw = read_yaml(Path(path))
     top_base = OmegaConf.structured(CascadeConfig)
     stage_base = OmegaConf.structured(CascadeStageConfig)
 
     stages_raw = raw.pop("stages") if "stages" in raw else ListConfig([])
     if not isinstance(stages_raw, ListConfig):
         raise ConfigError(f"{source}: 'stages' must be a list of stage mappings, got {stages_raw!r}")
-    _checked_layer(top_base, raw, source, CascadeConfig)
+    check_layer(top_base, raw, source, CascadeConfig)
     top_layers: list[DictConfig] = [raw]
     stage_layers: list[list[DictConfig]] = []
     for i, stage in enumerate(stages_raw):
         if not isinstance(stage, DictConfig):
             raise ConfigError(f"{source}: stages[{i}]: expected a mapping of stage fields, got {stage!r}")
-        _checked_layer(stage_base, stage, source, CascadeStageConfig, key_prefix=f"stages[{i}].")
+        check_layer(stage_base, stage, source, CascadeStageConfig, key_prefix=f"stages[{i}].")
         stage_layers.append([stage])
 
     for item in overrides:
@@ -71,14 +71,14 @@ def load_cascade(path: str | Path, overrides: Sequence[str] = ()) -> CascadeConf
             i = _stage_index(item, str(key), len(stage_layers))
             if not isinstance(value, DictConfig):
                 raise ConfigError(f"override '{item}': expected stages.{i}.<field>=value")
-            _checked_layer(stage_base, value, f"override '{item}'", CascadeStageConfig, f"stages[{i}].")
+            check_layer(stage_base, value, f"override '{item}'", CascadeStageConfig, f"stages[{i}].")
             stage_layers[i].append(value)
-        _checked_layer(top_base, layer, f"override '{item}'", CascadeConfig)
+        check_layer(top_base, layer, f"override '{item}'", CascadeConfig)
         top_layers.append(layer)
 
     try:
         stages = [
-            OmegaConf.to_object(_merge_with_preset(stage_base, layers, key_prefix=f"stages[{i}]."))
+            OmegaConf.to_object(merge_with_preset(stage_base, layers, key_prefix=f"stages[{i}]."))
             for i, layers in enumerate(stage_layers)
         ]
         top = OmegaConf.to_object(OmegaConf.merge(top_base, *top_layers))
@@ -97,14 +97,12 @@ def _validate_stage(i: int, s: CascadeStageConfig) -> None:
     at = f"stages[{i}]"
     if not s.name:
         raise ValueError(f"{at}.name: empty; every stage needs a unique name (used in output file names)")
-    _choice(f"{at}.kind", s.kind, "model.kind")
-    _choice(f"{at}.sampler", s.sampler, "diffusion.sampler")
-    _choice(f"{at}.guidance_schedule", s.guidance_schedule, "diffusion.guidance_schedule")
+    check_choices(s, at)
     for name in ("frames", "height", "width", "steps"):
-        _positive(f"{at}.{name}", getattr(s, name))
+        check_positive(f"{at}.{name}", getattr(s, name))
     for name in ("fps", "guidance_scale", "guidance_low"):
-        _positive(f"{at}.{name}", getattr(s, name), allow_zero=True)
-    _unit_interval(f"{at}.cond_aug_level", s.cond_aug_level)
+        check_positive(f"{at}.{name}", getattr(s, name), allow_zero=True)
+    check_unit_interval(f"{at}.cond_aug_level", s.cond_aug_level)
     validate_model(s.model, prefix=f"{at}.model")
     for axis, name in enumerate(("frames", "height", "width")):
         size, patch = getattr(s, name), s.model.patch_size[axis]

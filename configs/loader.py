@@ -21,7 +21,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from configs.presets import MODEL_PRESETS
 from configs.schema import ModelConfig, RunConfig
-from configs.validate import validate
+from configs.validate import check_choice, choice_fields, validate
 
 C = TypeVar("C")
 
@@ -50,9 +50,7 @@ def _closest_key(schema: type, full_key: str) -> str:
     return ".".join([*prefix, match[0]]) if match else ""
 
 
-def _checked_layer(
-    base: DictConfig, layer: DictConfig, source: str, schema: type, key_prefix: str = ""
-) -> None:
+def check_layer(base: DictConfig, layer: DictConfig, source: str, schema: type, key_prefix: str = "") -> None:
     """Merge `layer` onto a copy of `base` only to raise a ConfigError naming `source` on a bad key/type.
 
     `key_prefix` (e.g. "stages[2].") is put before the keys named in errors when `layer` is one element
@@ -66,11 +64,19 @@ def _checked_layer(
         suggestion = f"; did you mean '{key_prefix}{hint}'?" if hint else ""
         raise ConfigError(f"{source}: unknown key '{key_prefix}{key}'{suggestion}") from None
     except OmegaConfBaseException as err:
+        owner = err.object_type
+        choices = choice_fields(owner).get(err.key) if dataclasses.is_dataclass(owner) else None
+        if choices is not None:  # a value outside a Literal field's: the validator's message
+            try:
+                check_choice(f"{key_prefix}{err.full_key}", err.value, choices)
+            except ValueError as bad:
+                raise ConfigError(f"{source}: {bad}") from None
         first = str(err).splitlines()[0]
         raise ConfigError(f"{source}: invalid value for '{key_prefix}{err.full_key}': {first}") from None
 
 
-def _read_yaml(path: Path) -> DictConfig:
+def read_yaml(path: Path) -> DictConfig:
+    """A YAML file's top-level mapping as a DictConfig; ConfigError naming the file otherwise."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -82,7 +88,7 @@ def _read_yaml(path: Path) -> DictConfig:
     return OmegaConf.create(raw)
 
 
-def _merge_with_preset(base: DictConfig, layers: Sequence[DictConfig], key_prefix: str = "") -> DictConfig:
+def merge_with_preset(base: DictConfig, layers: Sequence[DictConfig], key_prefix: str = "") -> DictConfig:
     """`layers` (already checked) merged onto `base`; a model `preset` named in any of them fills
     width/depth/heads beneath the explicit values.
 
@@ -115,17 +121,17 @@ def load_config(
     base = OmegaConf.structured(schema)
     layers: list[DictConfig] = []
     for path in paths:
-        layer = _read_yaml(Path(path))
-        _checked_layer(base, layer, str(path), schema)
+        layer = read_yaml(Path(path))
+        check_layer(base, layer, str(path), schema)
         layers.append(layer)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value, e.g. model.depth=12")
         layer = OmegaConf.from_dotlist([item])
-        _checked_layer(base, layer, f"override '{item}'", schema)
+        check_layer(base, layer, f"override '{item}'", schema)
         layers.append(layer)
 
-    cfg = OmegaConf.to_object(_merge_with_preset(base, layers))
+    cfg = OmegaConf.to_object(merge_with_preset(base, layers))
     try:
         validate(cfg)
     except ValueError as err:

@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import inspect
 from itertools import pairwise
+from typing import get_args
 
 from configs import schema
 from configs.schema import (
@@ -19,6 +20,7 @@ from configs.schema import (
     RunConfig,
     SynthConfig,
 )
+from configs.validate import choice_fields
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -43,12 +45,20 @@ def _default(f: dataclasses.Field) -> str:
     return repr(value) if not isinstance(value, str) else f'"{value}"'
 
 
+def _type(cls: type, f: dataclasses.Field) -> str:
+    """A field's type as the table shows it: the annotation, or a Literal's values."""
+    choices = choice_fields(cls).get(f.name)
+    if choices is None:
+        return f"`{f.type}`"
+    return "one of " + ", ".join(f"`{value}`" for value in get_args(choices))
+
+
 def _table(prefix: str, cls: type) -> list[str]:
     """A markdown table of `cls`'s fields, each named `{prefix}{field}`."""
     docs = field_docs(cls)
     lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
-        lines.append(f"| `{prefix}{f.name}` | `{f.type}` | `{_default(f)}` | {docs.get(f.name, '')} |")
+        lines.append(f"| `{prefix}{f.name}` | {_type(cls, f)} | `{_default(f)}` | {docs.get(f.name, '')} |")
     return [*lines, ""]
 
 
@@ -84,9 +94,13 @@ def render() -> str:
         f"## Pipeline files (`configs/pipeline/*.yaml`) — {inspect.getdoc(PipelineConfig)}",
         "",
         "Loaded by `pipeline.job.load_pipeline` (strict like run configs) for `pipeline run`; override as",
-        "`synth.count=64` or `trainings.base.workers=4`. Stages, records and flags: `docs/PIPELINE.md`.",
+        "`synth.count=64`, `trainings.base.workers=4` or `render.batch_size=4`. Stages, records and flags:",
+        "`docs/PIPELINE.md`.",
         "",
         *_table("", PipelineConfig),
+        "`render` has the fields of the `render` section above (`render.seed`, `render.save_intermediate`,",
+        "...).",
+        "",
         f"### `synth` — {inspect.getdoc(SynthConfig)}",
         "",
         *_table("synth.", SynthConfig),

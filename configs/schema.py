@@ -3,11 +3,48 @@
 Every field carries a one-line docstring (the string literal under it); `docs/CONFIG.md` is generated
 from them. YAML files are overlays merged strictly onto these defaults by `configs.loader`, and
 cross-field rules are checked by `configs.validate`.
+
+Fields with a fixed set of values are typed with the `Literal` aliases below, the one place their
+values are listed (a cascade stage shares the model's and the sampler's). Literal rather than Enum:
+OmegaConf (2.4 and later) takes Literal fields in structured configs and refuses any other value when a
+YAML file or override is merged, while the values stay plain strings, so YAML files, `dump_config` →
+`load_config` round trips and fingerprints (hashes of `dataclasses.asdict`) are those of `str` fields.
+`configs.validate` checks the same values, read with `typing.get_args`, on configs built in code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+# ------------------------------------------------------------------------------ fixed sets of values
+
+ModelKind = Literal["base", "tsr", "ssr"]
+"""What a model generates: base (text → video), tsr or ssr (temporal / spatial super-resolution)."""
+PosEmbed = Literal["rope", "sincos"]
+"""How a model encodes token positions."""
+AttentionKernel = Literal["xformers", "sdpa", "naive"]
+"""The attention implementations `models.attention` runs."""
+AttentionBackend = Literal["auto", AttentionKernel]
+"""A configured attention backend: a kernel, or auto (chosen per device)."""
+TextEncoderKind = Literal["byte", "t5"]
+"""The text encoders `models.text` builds."""
+Prediction = Literal["v", "eps", "x0"]
+"""What a diffusion model predicts."""
+LossWeighting = Literal["none", "min_snr"]
+"""Per-timestep weightings of the diffusion loss."""
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
+"""The samplers of `models.diffusion.samplers`."""
+GuidanceSchedule = Literal["constant", "oscillating"]
+"""How the classifier-free guidance weight varies over the sampling steps."""
+TrainPrecision = Literal["fp32", "bf16", "fp16"]
+"""Training precisions."""
+RenderPrecision = Literal["fp32", "bf16"]
+"""Dtypes a cascade's models sample in."""
+ResizeMode = Literal["crop", "bucket"]
+"""How preprocessing fits a clip to the training geometry."""
+DecoderName = Literal["auto", "decord", "pyav"]
+"""Video decoders of preprocessing (auto: decord, PyAV fallback)."""
 
 
 @dataclass
@@ -16,8 +53,8 @@ class ModelConfig:
 
     preset: str = ""
     """Size preset (tiny, S, B, L, XL) filling width/depth/heads; explicit values still win."""
-    kind: str = "base"
-    """base, tsr (temporal super-resolution) or ssr (spatial super-resolution)."""
+    kind: ModelKind = "base"
+    """base (text → video), tsr (temporal super-resolution) or ssr (spatial super-resolution)."""
     sr_factor: int = 2
     """Super-resolution factor: tsr multiplies frames and fps by it, ssr height and width (base: unused)."""
     in_channels: int = 3
@@ -36,10 +73,10 @@ class ModelConfig:
     """Width of the text-token embeddings fed to cross-attention (the text encoder's output)."""
     temporal_layers: bool = True
     """Build temporal attention; false gives an image model whose weights load into a video model."""
-    pos_embed: str = "rope"
+    pos_embed: PosEmbed = "rope"
     """Positions: rope (factorized 2-D spatial + 1-D temporal rotary) or sincos (factorized absolute)."""
-    attention_backend: str = "auto"
-    """xformers, sdpa, naive, or auto (xformers when importable and on CUDA, else sdpa)."""
+    attention_backend: AttentionBackend = "auto"
+    """Attention kernel; auto takes xformers when importable and on CUDA, else sdpa."""
     attention_max_batch: int = 32768
     """Largest batch per attention kernel call; larger batches (e.g. B·S temporal) are chunked."""
     max_fps: float = 120.0
@@ -50,7 +87,7 @@ class ModelConfig:
 class TextConfig:
     """The text encoder producing cross-attention tokens."""
 
-    encoder: str = "byte"
+    encoder: TextEncoderKind = "byte"
     """byte (built-in byte-level transformer, trained jointly) or t5 (frozen, from t5_path)."""
     t5_path: str = ""
     """Local directory of a Hugging Face T5 encoder and tokenizer (nothing is downloaded)."""
@@ -68,7 +105,7 @@ class TextConfig:
 class DiffusionConfig:
     """Noise schedule, parameterization, loss and sampling."""
 
-    prediction: str = "v"
+    prediction: Prediction = "v"
     """What the model predicts: v (default, as in Imagen Video), eps or x0."""
     logsnr_min: float = -15.0
     """Log-SNR at t = 1 before the shift."""
@@ -76,19 +113,19 @@ class DiffusionConfig:
     """Log-SNR at t = 0 before the shift."""
     shift_reference_numel: int = 0
     """T·H·W at which the schedule is unshifted; 0 disables the resolution/length shift."""
-    loss_weighting: str = "none"
-    """none or min_snr."""
+    loss_weighting: LossWeighting = "none"
+    """Per-timestep loss weighting: none (uniform) or min_snr (Min-SNR-γ)."""
     min_snr_gamma: float = 5.0
     """γ of Min-SNR weighting."""
-    sampler: str = "ddim"
-    """ddpm, ddim or dpmpp_2m."""
+    sampler: SamplerName = "ddim"
+    """Sampling algorithm: ddpm (ancestral), ddim or dpmpp_2m (DPM-Solver++ 2M)."""
     steps: int = 50
     """Sampling steps."""
     eta: float = 0.0
     """DDIM η (0 deterministic, 1 ancestral)."""
     guidance_scale: float = 4.0
     """Classifier-free guidance weight (1 disables guidance)."""
-    guidance_schedule: str = "constant"
+    guidance_schedule: GuidanceSchedule = "constant"
     """constant or oscillating (Imagen Video: high weight first, then alternating high/low)."""
     guidance_low: float = 1.0
     """The low weight of the oscillating schedule."""
@@ -148,7 +185,7 @@ class PreprocessConfig:
     """Cap on clips taken from one video (0 = no cap)."""
     scene_cut_threshold: float = 40.0
     """Mean absolute difference (0-255) of 32×32 grey thumbnails that marks a cut; 0 disables."""
-    resize: str = "crop"
+    resize: ResizeMode = "crop"
     """crop (resize the short side, center crop to data.height × data.width) or bucket."""
     buckets: list[list[int]] = field(default_factory=list)
     """Aspect-ratio buckets [[H, W], ...] for resize=bucket; each clip goes to the nearest ratio."""
@@ -162,8 +199,8 @@ class PreprocessConfig:
     """Files a decode process handles before it is replaced (bounds native-memory growth)."""
     workers: int = 2
     """Parallel shard writers (Ray actors, or local processes without Ray)."""
-    decoder: str = "auto"
-    """auto (decord, PyAV fallback), decord or pyav."""
+    decoder: DecoderName = "auto"
+    """Video decoder: auto (decord, PyAV fallback), decord or pyav."""
     decode_threads: int = 1
     """Decoder threads per worker (decord / PyAV); keep workers × threads at about the CPU count."""
     text_embeddings: bool = False
@@ -220,8 +257,8 @@ class ParallelConfig:
 
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3."""
-    precision: str = "fp32"
-    """fp32, bf16 or fp16."""
+    precision: TrainPrecision = "fp32"
+    """Training precision: fp32, or DeepSpeed's bf16 or fp16 (with loss scaling) mode."""
     grad_accum: int = 1
     """Gradient-accumulation steps."""
     activation_checkpointing: bool = False
@@ -246,17 +283,17 @@ class RenderConfig:
     """Also write each earlier stage's video as an mp4 (float outputs of every stage are kept for resume)."""
     contact_sheet: bool = True
     """Write a PNG contact sheet per prompt (one row per stage, frames across)."""
-    precision: str = "fp32"
+    precision: RenderPrecision = "fp32"
     """fp32 or bf16: dtype of the stage models while sampling (sampler state and outputs stay float32)."""
 
 
 @dataclass
 class CascadeStageConfig:
-    """One stage of a rendering cascade (`configs/cascade/*.yaml`): its model and its output shape."""
+    """One stage of a rendering cascade (`configs/cascade/*.yaml`): its model, output shape and sampler."""
 
     name: str = ""
     """Stage name, unique in the cascade (used in output file names and `upscale --from-stage`)."""
-    kind: str = "base"
+    kind: ModelKind = "base"
     """base (text → video; only the first stage), tsr or ssr."""
     checkpoint: str = ""
     """A training out_dir (newest committed checkpoint) or a committed step dir; empty until trained."""
@@ -270,17 +307,18 @@ class CascadeStageConfig:
     """Output width W in pixels."""
     fps: float = 8.0
     """Output frame rate (0 for still images)."""
-    sampler: str = "ddim"
-    """ddpm, ddim or dpmpp_2m."""
-    steps: int = 50
+    # the sampler's settings default to the `diffusion` section's
+    sampler: SamplerName = DiffusionConfig.sampler
+    """Sampling algorithm (as diffusion.sampler)."""
+    steps: int = DiffusionConfig.steps
     """Sampling steps."""
-    guidance_scale: float = 4.0
+    guidance_scale: float = DiffusionConfig.guidance_scale
     """Classifier-free guidance weight (1 disables guidance)."""
-    guidance_schedule: str = "constant"
+    guidance_schedule: GuidanceSchedule = DiffusionConfig.guidance_schedule
     """constant or oscillating (high weight first, then alternating with guidance_low)."""
-    guidance_low: float = 1.0
+    guidance_low: float = DiffusionConfig.guidance_low
     """The low weight of the oscillating schedule."""
-    cond_aug_level: float = 0.1
+    cond_aug_level: float = DiffusionConfig.cond_aug_level
     """Super-resolution: conditioning-augmentation level applied to the previous stage's output."""
 
 
@@ -347,7 +385,7 @@ class PipelineTrainingConfig:
     config: list[str] = field(default_factory=list)
     """Run-config YAML files and key=value overrides, in order; data.shards and train.out_dir are set."""
     workers: int = 1
-    """Ray Train workers (ranks) of this training."""
+    """Ray Train workers (ranks) of this training (the default of `train --ray --workers` too)."""
     cpus_per_worker: int = 1
     """CPUs Ray reserves per worker (also its torch thread count)."""
     gpus_per_worker: float = 0.0
@@ -376,11 +414,7 @@ class PipelineConfig:
     """Overrides of the cascade (e.g. stages.1.steps=8)."""
     prompts: list[str] = field(default_factory=list)
     """Prompts rendered through the cascade, one video each."""
-    render_seed: int = 0
-    """Sampling seed of the renders."""
-    render_batch_size: int = 1
-    """Prompts sampled together per cascade stage."""
-    render_precision: str = "fp32"
-    """fp32 or bf16: dtype of the cascade's models while rendering (as render.precision)."""
+    render: RenderConfig = field(default_factory=RenderConfig)
+    """The render stage's settings; render.out_dir is set by the pipeline, to {out_dir}/renders."""
     render_gpus_per_stage: float = 0.0
-    """GPUs reserved for each cascade stage's Ray actor (0 on CPU machines)."""
+    """GPUs Ray reserves per cascade stage's actor (0 on CPU machines); a Ray placement, not in `render`."""

@@ -5,7 +5,10 @@ Each failure raises ValueError naming the dotted field, the value and what was e
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import math
+import numbers
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from configs.schema import (
     DataConfig,
@@ -16,60 +19,55 @@ from configs.schema import (
     PreprocessConfig,
     RenderConfig,
     RunConfig,
+    SynthConfig,
     TextConfig,
     TrainConfig,
 )
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.kind": ("base", "tsr", "ssr"),
-    "model.pos_embed": ("rope", "sincos"),
-    "model.attention_backend": ("auto", "xformers", "sdpa", "naive"),
-    "text.encoder": ("byte", "t5"),
-    "diffusion.prediction": ("v", "eps", "x0"),
-    "diffusion.loss_weighting": ("none", "min_snr"),
-    "diffusion.sampler": ("ddpm", "ddim", "dpmpp_2m"),
-    "diffusion.guidance_schedule": ("constant", "oscillating"),
-    "parallel.precision": ("fp32", "bf16", "fp16"),
-    "render.precision": ("fp32", "bf16"),
-    "preprocess.resize": ("crop", "bucket"),
-    "preprocess.decoder": ("auto", "decord", "pyav"),
-}
 
-
-def _choice(name: str, value: str, field: str = "") -> None:
-    """`value` must be one of CHOICES[field or name]; the error names `name`."""
-    allowed = CHOICES[field or name]
+def check_choice(name: str, value: object, choices: Any) -> None:
+    """`value` must be one of the values of the `Literal` type `choices`; the error names `name`."""
+    allowed = get_args(choices)
     if value not in allowed:
         raise ValueError(f"{name}: unknown value '{value}'; expected one of {', '.join(allowed)}")
 
 
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+@functools.cache
+def choice_fields(cls: type) -> dict[str, Any]:
+    """The fields of the dataclass `cls` typed with a fixed set of values (a `Literal`), by name."""
+    return {name: hint for name, hint in get_type_hints(cls).items() if get_origin(hint) is Literal}
+
+
+def check_choices(section: Any, prefix: str = "") -> None:
+    """Every `Literal`-typed field of the dataclass `section` holds one of its values; errors name
+    `{prefix}.{field}` (`{field}` for a top-level config)."""
+    for name, hint in choice_fields(type(section)).items():
+        check_choice(f"{prefix}.{name}" if prefix else name, getattr(section, name), hint)
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """`value` must be > 0 (>= 0 with `allow_zero`); the error names `name`."""
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name}: got {value}, expected {bound}")
 
 
-MAX_SHAPE_SIZE = 0.75
-"""Largest `synth.shape_size`: a bigger box leaves the shape too little room to move."""
-
-
-def _unit_interval(name: str, value: float) -> None:
+def check_unit_interval(name: str, value: float) -> None:
+    """`value` must lie in [0, 1]; the error names `name`."""
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name}: got {value}, expected a value in [0, 1]")
 
 
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
-    """Sizes positive, heads divide the width, rotary dims even, enums known."""
-    _choice("model.kind", m.kind)
-    _choice("model.pos_embed", m.pos_embed)
-    _choice("model.attention_backend", m.attention_backend)
+    """Sizes positive, heads divide the width, rotary dims even, fixed-choice fields known."""
+    check_choices(m, prefix)
     if len(m.patch_size) != 3:
         raise ValueError(f"{prefix}.patch_size: got {m.patch_size}, expected three sizes [pt, ph, pw]")
     for i, p in enumerate(m.patch_size):
-        _positive(f"{prefix}.patch_size[{i}]", p)
+        check_positive(f"{prefix}.patch_size[{i}]", p)
     for name in ("in_channels", "width", "depth", "heads", "text_dim", "attention_max_batch", "mlp_ratio"):
-        _positive(f"{prefix}.{name}", getattr(m, name))
-    _positive(f"{prefix}.max_fps", m.max_fps)
+        check_positive(f"{prefix}.{name}", getattr(m, name))
+    check_positive(f"{prefix}.max_fps", m.max_fps)
     if m.width % m.heads:
         raise ValueError(f"{prefix}.width: {m.width} is not divisible by {prefix}.heads={m.heads}")
     head_dim = m.width // m.heads
@@ -121,9 +119,9 @@ def _validate_super_resolution(cfg: RunConfig) -> None:
 
 
 def _validate_text(t: TextConfig) -> None:
-    _choice("text.encoder", t.encoder)
+    check_choices(t, "text")
     for name in ("max_length", "width", "depth", "heads"):
-        _positive(f"text.{name}", getattr(t, name))
+        check_positive(f"text.{name}", getattr(t, name))
     if t.encoder == "byte" and t.width % t.heads:
         raise ValueError(f"text.width: {t.width} is not divisible by text.heads={t.heads}")
     if t.encoder == "t5" and not t.t5_path:
@@ -131,29 +129,28 @@ def _validate_text(t: TextConfig) -> None:
 
 
 def _validate_diffusion(d: DiffusionConfig) -> None:
-    for name in ("prediction", "loss_weighting", "sampler", "guidance_schedule"):
-        _choice(f"diffusion.{name}", getattr(d, name))
+    check_choices(d, "diffusion")
     if d.logsnr_min >= d.logsnr_max:
         raise ValueError(f"diffusion.logsnr_min ({d.logsnr_min}) must be below logsnr_max ({d.logsnr_max})")
-    _positive("diffusion.steps", d.steps)
-    _positive("diffusion.shift_reference_numel", d.shift_reference_numel, allow_zero=True)
-    _positive("diffusion.min_snr_gamma", d.min_snr_gamma)
-    _positive("diffusion.guidance_scale", d.guidance_scale, allow_zero=True)
-    _positive("diffusion.guidance_low", d.guidance_low, allow_zero=True)
-    _unit_interval("diffusion.eta", d.eta)
-    _unit_interval("diffusion.guidance_oscillate_fraction", d.guidance_oscillate_fraction)
-    _unit_interval("diffusion.cond_aug_max", d.cond_aug_max)
-    _unit_interval("diffusion.cond_aug_level", d.cond_aug_level)
+    check_positive("diffusion.steps", d.steps)
+    check_positive("diffusion.shift_reference_numel", d.shift_reference_numel, allow_zero=True)
+    check_positive("diffusion.min_snr_gamma", d.min_snr_gamma)
+    check_positive("diffusion.guidance_scale", d.guidance_scale, allow_zero=True)
+    check_positive("diffusion.guidance_low", d.guidance_low, allow_zero=True)
+    check_unit_interval("diffusion.eta", d.eta)
+    check_unit_interval("diffusion.guidance_oscillate_fraction", d.guidance_oscillate_fraction)
+    check_unit_interval("diffusion.cond_aug_max", d.cond_aug_max)
+    check_unit_interval("diffusion.cond_aug_level", d.cond_aug_level)
     if d.dynamic_threshold and not 0.5 <= d.dynamic_threshold < 1.0:
         raise ValueError(f"diffusion.dynamic_threshold: got {d.dynamic_threshold}, expected 0 or [0.5, 1)")
 
 
 def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     for name in ("frames", "height", "width", "fps", "batch_size"):
-        _positive(f"data.{name}", getattr(d, name))
+        check_positive(f"data.{name}", getattr(d, name))
     for name in ("num_workers", "images_per_item", "shuffle_buffer", "max_pending"):
-        _positive(f"data.{name}", getattr(d, name), allow_zero=True)
-    _unit_interval("data.image_fraction", d.image_fraction)
+        check_positive(f"data.{name}", getattr(d, name), allow_zero=True)
+    check_unit_interval("data.image_fraction", d.image_fraction)
     pt, ph, pw = m.patch_size
     for name, size, patch, axis in (
         ("frames", d.frames, pt, 0),
@@ -168,12 +165,11 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
 
 
 def _validate_preprocess(p: PreprocessConfig, m: ModelConfig) -> None:
-    _choice("preprocess.resize", p.resize)
-    _choice("preprocess.decoder", p.decoder)
+    check_choices(p, "preprocess")
     for name in ("stride", "max_clips_per_video", "scene_cut_threshold"):
-        _positive(f"preprocess.{name}", getattr(p, name), allow_zero=True)
+        check_positive(f"preprocess.{name}", getattr(p, name), allow_zero=True)
     for name in ("min_source_side", "files_per_shard", "decode_timeout_s", "recycle_after", "workers"):
-        _positive(f"preprocess.{name}", getattr(p, name))
+        check_positive(f"preprocess.{name}", getattr(p, name))
     if not p.split or not p.split.replace("_", "").isalnum():
         raise ValueError(f"preprocess.split: got '{p.split}', expected letters, digits or _")
     if p.resize == "bucket" and not p.buckets:
@@ -188,33 +184,69 @@ def _validate_preprocess(p: PreprocessConfig, m: ModelConfig) -> None:
 
 
 def _validate_train(t: TrainConfig) -> None:
-    _positive("train.steps", t.steps, allow_zero=True)
-    _positive("train.lr", t.lr)
-    _positive("train.max_bad_steps", t.max_bad_steps)
-    _positive("train.preview_every", t.preview_every, allow_zero=True)
-    _positive("train.preview_steps", t.preview_steps)
+    check_positive("train.steps", t.steps, allow_zero=True)
+    check_positive("train.lr", t.lr)
+    check_positive("train.max_bad_steps", t.max_bad_steps)
+    check_positive("train.preview_every", t.preview_every, allow_zero=True)
+    check_positive("train.preview_steps", t.preview_steps)
     if t.preview_every and not t.preview_prompts:
         raise ValueError("train.preview_prompts: previews (train.preview_every > 0) need at least one prompt")
     for name in ("warmup_steps", "weight_decay", "grad_clip"):
-        _positive(f"train.{name}", getattr(t, name), allow_zero=True)
+        check_positive(f"train.{name}", getattr(t, name), allow_zero=True)
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
-        _positive(f"train.{name}", getattr(t, name))
-    _unit_interval("train.ema_decay", t.ema_decay)
-    _unit_interval("train.text_dropout", t.text_dropout)
+        check_positive(f"train.{name}", getattr(t, name))
+    check_unit_interval("train.ema_decay", t.ema_decay)
+    check_unit_interval("train.text_dropout", t.text_dropout)
 
 
 def _validate_parallel(p: ParallelConfig) -> None:
     if p.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"parallel.zero_stage: got {p.zero_stage}, expected 0, 1, 2 or 3")
-    _choice("parallel.precision", p.precision)
-    _positive("parallel.grad_accum", p.grad_accum)
+    check_choices(p, "parallel")
+    check_positive("parallel.grad_accum", p.grad_accum)
 
 
 def validate_render(r: RenderConfig) -> None:
     """Render settings: batch size and precision (checked by `stages.render` before any work)."""
     if r.batch_size < 1:
         raise ValueError(f"render.batch_size: got {r.batch_size}, expected >= 1")
-    _choice("render.precision", r.precision)
+    check_choices(r, "render")
+
+
+MAX_SHAPE_SIZE = 0.75
+"""Largest `synth.shape_size`: a bigger box leaves the shape too little room to move."""
+
+
+def _check_integer(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}: got {value!r}, expected an integer >= {minimum}")
+
+
+def _check_number(name: str, value: object, expected: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}: got {value!r}, expected a finite number {expected}")
+
+
+def validate_synth(s: SynthConfig, prefix: str = "") -> None:
+    """The synthetic dataset's settings, for `stages.synth.run_synth` and a pipeline's `synth` section
+    (`prefix` "synth."). Values built in code are type-checked too. ValueError naming the field (after
+    `prefix`), the value and what was expected."""
+    _check_integer(f"{prefix}count", s.count, 1)
+    _check_integer(f"{prefix}frames", s.frames, 2)
+    _check_integer(f"{prefix}size", s.size, 16)
+    if s.size % 2:
+        raise ValueError(
+            f"{prefix}size: got {s.size}, expected an even size (H.264 yuv420p needs even sides)"
+        )
+    _check_number(f"{prefix}fps", s.fps, "> 0")
+    check_positive(f"{prefix}fps", s.fps)
+    _check_integer(f"{prefix}seed", s.seed, 0)
+    for name in ("image_fraction", "position_jitter"):
+        _check_number(f"{prefix}{name}", getattr(s, name), "in [0, 1]")
+        check_unit_interval(f"{prefix}{name}", getattr(s, name))
+    _check_number(f"{prefix}shape_size", s.shape_size, f"in (0, {MAX_SHAPE_SIZE}]")
+    if not 0.0 < s.shape_size <= MAX_SHAPE_SIZE:
+        raise ValueError(f"{prefix}shape_size: got {s.shape_size}, expected a value in (0, {MAX_SHAPE_SIZE}]")
 
 
 def _validate_pipeline(p: PipelineConfig) -> None:
@@ -223,33 +255,24 @@ def _validate_pipeline(p: PipelineConfig) -> None:
         if not getattr(p, name).strip():
             raise ValueError(f"{name}: empty; expected a non-empty string")
     if not p.inputs:
-        for name in ("count", "frames", "size"):
-            _positive(f"synth.{name}", getattr(p.synth, name))
-        _positive("synth.fps", p.synth.fps)
-        _unit_interval("synth.image_fraction", p.synth.image_fraction)
-        _unit_interval("synth.position_jitter", p.synth.position_jitter)
-        if not 0.0 < p.synth.shape_size <= MAX_SHAPE_SIZE:
-            raise ValueError(
-                f"synth.shape_size: got {p.synth.shape_size}, expected a value in (0, {MAX_SHAPE_SIZE}]"
-            )
+        validate_synth(p.synth, prefix="synth.")
     for name, t in p.trainings.items():
         if not t.config:
             raise ValueError(f"trainings.{name}.config: empty; expected run-config YAML files and overrides")
         for field in ("workers", "cpus_per_worker"):
-            _positive(f"trainings.{name}.{field}", getattr(t, field))
-        _positive(f"trainings.{name}.gpus_per_worker", t.gpus_per_worker, allow_zero=True)
+            check_positive(f"trainings.{name}.{field}", getattr(t, field))
+        check_positive(f"trainings.{name}.gpus_per_worker", t.gpus_per_worker, allow_zero=True)
     if p.cascade and not p.prompts:
         raise ValueError("prompts: empty; a pipeline with a cascade needs at least one prompt to render")
     if any(not text.strip() for text in p.prompts):
         raise ValueError(f"prompts: blank prompt in {p.prompts}; every prompt needs text")
-    _positive("render_batch_size", p.render_batch_size)
-    _choice("render_precision", p.render_precision, "render.precision")
-    _positive("render_gpus_per_stage", p.render_gpus_per_stage, allow_zero=True)
+    validate_render(p.render)
+    check_positive("render_gpus_per_stage", p.render_gpus_per_stage, allow_zero=True)
 
 
 def validate(cfg: Any) -> None:
-    """Check a RunConfig (every section and the rules between them), a ModelConfig, a TextConfig or a
-    PipelineConfig."""
+    """Check a RunConfig (every section and the rules between them), a ModelConfig, a TextConfig, a
+    PipelineConfig or a SynthConfig."""
     if isinstance(cfg, ModelConfig):
         validate_model(cfg)
         return
@@ -258,6 +281,9 @@ def validate(cfg: Any) -> None:
         return
     if isinstance(cfg, PipelineConfig):
         _validate_pipeline(cfg)
+        return
+    if isinstance(cfg, SynthConfig):
+        validate_synth(cfg)
         return
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"cannot validate {type(cfg).__name__}")

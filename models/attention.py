@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from typing import Literal
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Backend = Literal["xformers", "sdpa", "naive"]
-BACKENDS = ("xformers", "sdpa", "naive")
+from configs.schema import AttentionBackend, AttentionKernel
+
+Backend = AttentionKernel
+"""A concrete backend (`model.attention_backend` less auto)."""
+BACKENDS: tuple[Backend, ...] = get_args(AttentionKernel)
 
 
 def xformers_available() -> bool:
@@ -37,7 +40,9 @@ def resolve_backend(name: str, device: torch.device | str) -> Backend:
     if name == "auto":
         return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
     if name not in BACKENDS:
-        raise ValueError(f"attention backend '{name}' unknown; expected auto, {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"attention backend '{name}' unknown; expected one of {', '.join(get_args(AttentionBackend))}"
+        )
     if name == "xformers" and (device.type != "cuda" or not xformers_available()):
         raise ValueError(f"attention backend 'xformers' needs CUDA tensors and xformers; device is {device}")
     return name  # type: ignore[return-value]

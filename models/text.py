@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
 
-from configs.schema import TextConfig
+from configs.schema import TextConfig, TextEncoderKind
 from models.weights import read_weights, save_weights
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,4 +260,5 @@ def build_text_encoder(cfg: TextConfig) -> nn.Module:
         return ByteTextEncoder.from_config(cfg)
     if cfg.encoder == "t5":
         return T5TextEncoder.from_config(cfg)
-    raise ValueError(f"unknown text encoder {cfg.encoder!r}; expected byte or t5")
+    expected = ", ".join(get_args(TextEncoderKind))
+    raise ValueError(f"unknown text encoder {cfg.encoder!r}; expected one of {expected}")

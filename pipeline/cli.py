@@ -6,13 +6,24 @@ Configs are given as YAML paths followed by dotted overrides (`model.depth=12`),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args, get_type_hints
 
-from configs import ConfigError, RenderConfig, RunConfig, dump_config, fingerprint, load_config
-from configs.validate import CHOICES
+from configs import (
+    ConfigError,
+    PipelineTrainingConfig,
+    RenderConfig,
+    RunConfig,
+    SynthConfig,
+    dump_config,
+    fingerprint,
+    load_config,
+)
+from configs.schema import RenderPrecision
 from pipeline.graph import GraphError
 
 
@@ -88,18 +99,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from stages.synth import run_synth
 
-    summary = run_synth(
-        Path(args.out),
-        args.count,
-        frames=args.frames,
-        size=args.size,
-        fps=args.fps,
-        seed=args.seed,
-        image_fraction=args.image_fraction,
-        position_jitter=args.position_jitter,
-        shape_size=args.shape_size,
-        progress=not args.quiet,
-    )
+    cfg = SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
+    summary = run_synth(Path(args.out), cfg, progress=not args.quiet)
     print(f"wrote {summary.videos} videos and {summary.images} images with captions to {summary.out}")
     return 0
 
@@ -251,6 +252,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataclass_options(p: argparse.ArgumentParser, cls: type) -> None:
+    """One `--field-name` option per field of the flat dataclass `cls`, with its type, default and
+    docstring (the values are checked where the config is used)."""
+    from configs.reference import field_docs
+
+    docs, types = field_docs(cls), get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        help_text = docs[f.name].replace("%", "%%") + " (default: %(default)s)"
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=types[f.name], default=f.default, help=help_text)
+
+
 def _render_options(p: argparse.ArgumentParser) -> None:
     """Options shared by render and upscale."""
     p.add_argument("overrides", nargs="*", help="cascade overrides key=value (e.g. stages.1.steps=16)")
@@ -264,7 +276,7 @@ def _render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default=RenderConfig.precision,
-        help=f"dtype of the stage models: {' or '.join(CHOICES['render.precision'])} (outputs stay float32)",
+        help=f"dtype of the stage models: {' or '.join(get_args(RenderPrecision))} (outputs stay float32)",
     )
     p.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process Ray)")
@@ -292,20 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_preprocess)
     p = sub.add_parser("synth", help="write the synthetic captioned video/image dataset")
-    p.add_argument("--out", required=True)
-    p.add_argument("--count", type=int, required=True, help="number of files (videos + images)")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--fps", type=float, default=8.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-fraction", type=float, default=0.25)
-    p.add_argument(
-        "--position-jitter", type=float, default=1.0, help="0 = shapes on the centre line, 1 = anywhere"
-    )
-    p.add_argument(
-        "--shape-size", type=float, default=1 / 3, help="side of a shape's box as a share of the frame's"
-    )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", required=True, help="output directory")
+    _dataclass_options(p, SynthConfig)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)
     p = sub.add_parser("train", help="train: one process of a launcher's world, or --ray for Ray Train")
     p.add_argument("config", nargs="*", help="YAML files and key=value overrides, in order")
@@ -314,9 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ray", action="store_true", help="run the same worker function under Ray Train")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process Ray)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (--ray)")
-    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (and threads) per worker (--ray)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker (--ray)")
+    training = PipelineTrainingConfig  # the defaults of a pipeline's trainings.NAME
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=training.workers,
+        help="Ray Train workers, one rank each (--ray; default %(default)s: pass --workers N for more)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=training.cpus_per_worker,
+        help="CPUs (and threads) per worker (--ray; default %(default)s)",
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=training.gpus_per_worker,
+        help="GPUs per Ray Train worker (--ray; default %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("render", help="render prompts through a cascade (one Ray actor per stage; --local)")

@@ -225,13 +225,13 @@ def format_run_plan(stages: Sequence[GraphStage], plan: Plan) -> str:
 # ------------------------------------------------------------------------------------------- execution
 
 
-class _Lock:
+class RunLock:
     """An exclusive lock on the run directory, so two `pipeline run`s never write one run at once."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = state_dir(run_dir) / "lock"
 
-    def __enter__(self) -> _Lock:
+    def __enter__(self) -> RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,7 +289,7 @@ def run_graph(
     graph = [{"name": s.name, "deps": list(s.deps), "outputs": [str(p) for p in s.outputs]} for s in stages]
     by_name = {s.name: s for s in stages}
     status = {s.name: ("skipped" if plan.reason[s.name] == "up to date" else "not run") for s in stages}
-    with _Lock(run_dir):
+    with RunLock(run_dir):
         _write_json(state_dir(run_dir) / "graph.json", {"stages": graph})
         pending = [s.name for s in stages if plan.action[s.name] == "run"]
         finished: queue.Queue[tuple[str, str]] = queue.Queue()

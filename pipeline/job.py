@@ -24,14 +24,17 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from configs import (
     CascadeConfig,
     ConfigError,
+    PipelineConfig,
+    PipelineTrainingConfig,
     RenderConfig,
     RunConfig,
     check_stage_model,
@@ -40,8 +43,9 @@ from configs import (
     load_cascade,
     load_config,
     to_dict,
+    validate_cascade,
 )
-from configs.schema import PipelineConfig, PipelineTrainingConfig
+from configs.validate import validate
 from pipeline.graph import GraphStage, Plan
 
 RENDERS = "renders"
@@ -60,12 +64,22 @@ def split_items(items: Sequence[str]) -> tuple[list[str], list[str]]:
     return [i for i in items if "=" not in i], [i for i in items if "=" in i]
 
 
-def _run_config(items: Sequence[str], extra: Sequence[str], where: str) -> RunConfig:
+def _run_config(items: Sequence[str], where: str) -> RunConfig:
+    """The run config of `items` (YAML paths and overrides); a ConfigError names `where`."""
     paths, overrides = split_items(items)
     try:
-        return load_config(paths, [*overrides, *extra])
+        return load_config(paths, overrides)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _checked(run: RunConfig, where: str) -> RunConfig:
+    """`run` once validated again, after the job has set its paths; a ConfigError names `where`."""
+    try:
+        validate(run)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return run
 
 
 class PipelineJob:
@@ -77,18 +91,25 @@ class PipelineJob:
         self.progress = progress
         self.out = Path(cfg.out_dir)
         self.inputs = list(cfg.inputs) or [str(self.out / DATA)]
-        self.preprocess = _run_config(cfg.preprocess, [f"preprocess.out={self.out / SHARDS}"], "preprocess")
-        self.trainings = {
-            name: _run_config(
-                t.config,
-                [f"data.shards={self.out / SHARDS / 'shards'}", f"train.out_dir={self.out / name}"],
-                f"trainings.{name}",
-            )
-            for name, t in cfg.trainings.items()
-        }
+        pre = _run_config(cfg.preprocess, "preprocess")
+        pre = replace(pre, preprocess=replace(pre.preprocess, out=str(self.out / SHARDS)))
+        self.preprocess = _checked(pre, "preprocess")
+        self.trainings = {name: self._training(name, t) for name, t in cfg.trainings.items()}
         for name, run in self.trainings.items():
             self._check_geometry(name, run)
         self.cascade = self._load_cascade() if cfg.cascade else None
+        self.render = replace(cfg.render, out_dir=str(self.out / RENDERS))
+
+    def _training(self, name: str, t: PipelineTrainingConfig) -> RunConfig:
+        """A training's run config, reading the preprocessed shards and writing to `{out_dir}/{name}`."""
+        where = f"trainings.{name}"
+        run = _run_config(t.config, where)
+        run = replace(
+            run,
+            data=replace(run.data, shards=str(self.out / SHARDS / "shards")),
+            train=replace(run.train, out_dir=str(self.out / name)),
+        )
+        return _checked(run, where)
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -114,8 +135,8 @@ class PipelineJob:
     def _load_cascade(self) -> CascadeConfig:
         """The cascade with each stage named like a training pointed at that training's out_dir."""
         cfg = self.cfg
-        probe = load_cascade(cfg.cascade, cfg.cascade_overrides)
-        names = [s.name for s in probe.stages]
+        cascade = load_cascade(cfg.cascade, cfg.cascade_overrides)
+        names = [s.name for s in cascade.stages]
         unknown = sorted(set(self.trainings) - set(names))
         if unknown:
             raise ConfigError(
@@ -123,9 +144,14 @@ class PipelineJob:
                 "a training renders in the cascade stage of the same name"
             )
         pointed = [
-            f"stages.{i}.checkpoint={self.out / n}" for i, n in enumerate(names) if n in self.trainings
+            replace(s, checkpoint=str(self.out / s.name)) if s.name in self.trainings else s
+            for s in cascade.stages
         ]
-        cascade = load_cascade(cfg.cascade, [*cfg.cascade_overrides, *pointed])
+        cascade = replace(cascade, stages=pointed)
+        try:
+            validate_cascade(cascade)
+        except ValueError as err:
+            raise ConfigError(f"{cfg.cascade}: {err}") from None
         for i, stage in enumerate(cascade.stages):
             run = self.trainings.get(stage.name)
             if run is None:
@@ -190,14 +216,11 @@ class PipelineJob:
             )
         trained = tuple(f"train-{name}" for name in self.trainings)
         if self.cascade is not None:
-            settings = {"cascade": to_dict(self.cascade), "prompts": cfg.prompts, "seed": cfg.render_seed}
-            if cfg.render_precision != "fp32":  # fp32 runs keep the fingerprints they had before the option
-                settings["precision"] = cfg.render_precision
             stages.append(
                 GraphStage(
                     "render",
                     trained,
-                    fingerprint(settings),
+                    fingerprint(self._render_settings()),
                     [out / RENDERS],
                     self._render,
                     f"{len(cfg.prompts)} prompts through {len(self.cascade.stages)} stages → {out / RENDERS}",
@@ -214,6 +237,19 @@ class PipelineJob:
             )
         )
         return stages
+
+    def _render_settings(self) -> dict[str, Any]:
+        """What the render stage's outputs depend on, for its fingerprint: the cascade, the prompts, the
+        seed, and each other output-changing render setting only while it is not at its default (so a new
+        setting leaves the fingerprints of runs at the defaults as they are). render.batch_size (the same
+        videos: every prompt has its own generators) and render.out_dir (the outputs' place) do not count.
+        """
+        settings = {"cascade": to_dict(self.cascade), "prompts": self.cfg.prompts, "seed": self.render.seed}
+        default = RenderConfig()
+        for name in ("precision", "save_intermediate", "contact_sheet"):
+            if getattr(self.render, name) != getattr(default, name):
+                settings[name] = getattr(self.render, name)
+        return settings
 
     def start_ray(self, plan: Plan) -> dict[str, float] | None:
         """Start (or connect to) Ray in this, the main, thread if any stage that uses Ray will run, and
@@ -244,19 +280,7 @@ class PipelineJob:
     def _synth(self) -> str:
         from stages.synth import run_synth
 
-        s = self.cfg.synth
-        summary = run_synth(
-            self.out / DATA,
-            s.count,
-            s.frames,
-            s.size,
-            s.fps,
-            s.seed,
-            s.image_fraction,
-            s.position_jitter,
-            s.shape_size,
-            progress=self.progress,
-        )
+        summary = run_synth(self.out / DATA, self.cfg.synth, progress=self.progress)
         return f"{summary.videos} videos and {summary.images} images"
 
     def _preprocess(self) -> str:
@@ -314,16 +338,10 @@ class PipelineJob:
         from stages.render import render
 
         cfg = self.cfg
-        settings = RenderConfig(
-            out_dir=str(self.out / RENDERS),
-            seed=cfg.render_seed,
-            batch_size=cfg.render_batch_size,
-            precision=cfg.render_precision,
-        )
         summary = render(
             self.cascade,
             cfg.prompts,
-            settings,
+            self.render,
             cascade_file=cfg.cascade,
             executor=ray_executor(self.address, num_gpus=cfg.render_gpus_per_stage or None),
             progress=self.progress,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from configs import RunConfig
+from configs import PipelineTrainingConfig, RunConfig
 from pipeline.ray_cluster import ensure_ray
 from stages.train import NonFiniteError, TrainResult, train
 
@@ -71,7 +71,7 @@ def _absolute(cfg: RunConfig) -> RunConfig:
     )
 
 
-def _v2_enabled() -> bool:
+def v2_enabled() -> bool:
     """Whether Ray Train runs its V2 API, read from the variable as Ray reads it."""
     value = os.environ.get(RAY_TRAIN_V2)
     return value is None or value.lower() in ("1", "true")
@@ -116,15 +116,16 @@ def ray_train(
     *,
     resume: str = "auto",
     address: str | None = None,
-    workers: int = 2,
-    cpus_per_worker: int = 1,
-    gpus_per_worker: float = 0.0,
+    workers: int = PipelineTrainingConfig.workers,
+    cpus_per_worker: int = PipelineTrainingConfig.cpus_per_worker,
+    gpus_per_worker: float = PipelineTrainingConfig.gpus_per_worker,
     max_failures: int = 3,
     worker_fn: WorkerFn = train,
 ) -> RayTrainResult:
     """Train on Ray: `workers` ranks (`cpus_per_worker` CPUs, which Ray also makes each worker's thread
-    count, and `gpus_per_worker` GPUs each), restarted from the newest
-    committed checkpoint up to `max_failures` times when a worker fails.
+    count, and `gpus_per_worker` GPUs each; the defaults are a pipeline training's,
+    `PipelineTrainingConfig`), restarted from the newest committed checkpoint up to `max_failures` times
+    when a worker fails.
 
     resume: as for `train`, for the first attempt; restarts always use "auto". address: a Ray cluster
     (else $RAY_ADDRESS, else an in-process Ray). worker_fn: the function each worker runs, `train`
@@ -136,7 +137,7 @@ def ray_train(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not _v2_enabled():
+    if not v2_enabled():
         raise RuntimeError(f"ray_train needs the Ray Train V2 API: unset {RAY_TRAIN_V2}=0")
     if workers < 1 or cpus_per_worker < 1:
         raise ValueError(f"workers={workers}, cpus_per_worker={cpus_per_worker}: need at least 1 of each")

@@ -3,13 +3,13 @@
 Every video shows one shape (circle, square, triangle) in one colour (red, green, blue, yellow) travelling
 left, right, up or down, captioned `a {color} {shape} moving {direction}`; every still image shows one
 shape at a random position, captioned `a {color} {shape}`. The shape's box is `shape_size` of the frame's
-side (a third by default) and crosses most of the frame over the clip, so colour, shape and motion stay
-learnable at 32×32; `position_jitter` < 1 keeps the other coordinate (and a still's position) near the
-frame's centre. Shapes are exact numpy pixel masks (no anti-aliasing) so tests can check colours, and
-the whole dataset, bytes included, is a function of the seed: attributes come from one
-`numpy.random.default_rng(seed)` and the H.264 encoder (`stages.media.write_mp4`) runs single-threaded
-with a fixed preset, without macroblock-tree rate control and with no timestamps or version strings in
-the container.
+side and crosses most of the frame over the clip, so colour, shape and motion stay learnable at 32×32;
+`position_jitter` < 1 keeps the other coordinate (and a still's position) near the frame's centre (the
+settings and their defaults: `configs.schema.SynthConfig`). Shapes are exact numpy pixel masks (no
+anti-aliasing) so tests can check colours, and the whole dataset, bytes included, is a function of the
+seed: attributes come from one `numpy.random.default_rng(seed)` and the H.264 encoder
+(`stages.media.write_mp4`) runs single-threaded with a fixed preset, without macroblock-tree rate
+control and with no timestamps or version strings in the container.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from configs.validate import MAX_SHAPE_SIZE
+from configs import SynthConfig
+from configs.validate import validate_synth
 from stages.atomic import remove_leftovers, write_text
 from stages.media import CRF, PRESET, X264_PARAMS, write_mp4, write_png
 
@@ -109,11 +110,7 @@ def render_frame(size: int, color: str, mask: np.ndarray, x: int, y: int) -> np.
     return frame
 
 
-SHAPE_SIZE = 1 / 3
-"""Default side of a shape's box as a share of the frame's side (at most `MAX_SHAPE_SIZE`)."""
-
-
-def shape_side(size: int, shape_size: float = SHAPE_SIZE) -> int:
+def shape_side(size: int, shape_size: float = SynthConfig.shape_size) -> int:
     """Side of the shape's box in pixels: `shape_size` of the frame's side, at least 4."""
     return max(4, round(size * shape_size))
 
@@ -161,9 +158,9 @@ def plan_items(
     count: int,
     size: int,
     seed: int,
-    image_fraction: float = 0.25,
-    position_jitter: float = 1.0,
-    shape_size: float = SHAPE_SIZE,
+    image_fraction: float = SynthConfig.image_fraction,
+    position_jitter: float = SynthConfig.position_jitter,
+    shape_size: float = SynthConfig.shape_size,
 ) -> list[dict[str, object]]:
     """The dataset's items (videos then images) as manifest entries; deterministic per seed."""
     rng = np.random.default_rng(seed)
@@ -240,44 +237,6 @@ def write_image(path: Path, item: dict[str, object], size: int) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def validate_args(
-    count: int,
-    frames: int,
-    size: int,
-    fps: float,
-    seed: int,
-    image_fraction: float,
-    position_jitter: float,
-    shape_size: float = SHAPE_SIZE,
-) -> None:
-    """Raise ValueError naming the first bad argument and what was expected."""
-    _check_int("count", count, 1)
-    _check_int("frames", frames, 2)
-    _check_int("size", size, 16)
-    if size % 2:
-        raise ValueError(f"size must be even (H.264 yuv420p needs even dimensions), got {size}")
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-        raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
-    _check_int("seed", seed, 0)
-    if isinstance(image_fraction, bool) or not isinstance(image_fraction, (int, float)):
-        raise ValueError(f"image_fraction must be a number in [0, 1], got {image_fraction!r}")
-    if not 0.0 <= image_fraction <= 1.0:
-        raise ValueError(f"image_fraction must be in [0, 1], got {image_fraction!r}")
-    if isinstance(position_jitter, bool) or not isinstance(position_jitter, (int, float)):
-        raise ValueError(f"position_jitter must be a number in [0, 1], got {position_jitter!r}")
-    if not 0.0 <= position_jitter <= 1.0:
-        raise ValueError(f"position_jitter must be in [0, 1], got {position_jitter!r}")
-    if isinstance(shape_size, bool) or not isinstance(shape_size, (int, float)):
-        raise ValueError(f"shape_size must be a number in (0, {MAX_SHAPE_SIZE}], got {shape_size!r}")
-    if not 0.0 < shape_size <= MAX_SHAPE_SIZE:
-        raise ValueError(f"shape_size must be in (0, {MAX_SHAPE_SIZE}], got {shape_size!r}")
-
-
 def _remove_stale(out: Path, keep: set[str]) -> None:
     """Delete media and captions listed by a previous run's manifest that this run does not rewrite."""
     manifest = out / MANIFEST
@@ -293,32 +252,24 @@ def _remove_stale(out: Path, keep: set[str]) -> None:
             stale.unlink(missing_ok=True)
 
 
-def run_synth(
-    out: Path,
-    count: int,
-    frames: int = 16,
-    size: int = 64,
-    fps: float = 8.0,
-    seed: int = 0,
-    image_fraction: float = 0.25,
-    position_jitter: float = 1.0,
-    shape_size: float = SHAPE_SIZE,
-    progress: bool = True,
-) -> SynthSummary:
-    """Write `count` captioned items into `out`: round(count·image_fraction) PNG images, the rest mp4 videos.
+def run_synth(out: Path, cfg: SynthConfig, progress: bool = True) -> SynthSummary:
+    """Write `cfg.count` captioned items into `out`: round(count·image_fraction) PNG images, the rest mp4
+    videos.
 
     Files are `video_NNNNN.mp4` / `image_NNNNN.png`, each with `same_stem.txt` holding its caption, plus
     `synth.json` with the parameters and one entry per item. Every (color, shape, direction) triple appears
     once the video count reaches 48 (count ≥ 64 at the default image fraction). Rerunning into the same
     folder overwrites the files and removes those a previous run listed that this one does not write.
+    ValueError naming the field when `cfg` is invalid (`configs.validate.validate_synth`), before any
+    file is written.
     """
-    validate_args(count, frames, size, fps, seed, image_fraction, position_jitter, shape_size)
+    validate_synth(cfg)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out must be a directory, but {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
 
-    items = plan_items(count, size, seed, image_fraction, position_jitter, shape_size)
+    items = plan_items(cfg.count, cfg.size, cfg.seed, cfg.image_fraction, cfg.position_jitter, cfg.shape_size)
     _remove_stale(out, {str(item["file"]) for item in items})
 
     files: list[Path] = []
@@ -326,22 +277,15 @@ def run_synth(
         for item in items:
             path = out / str(item["file"])
             if item["direction"] is None:
-                write_image(path, item, size)
+                write_image(path, item, cfg.size)
             else:
-                write_video(path, item, frames, size, fps)
+                write_video(path, item, cfg.frames, cfg.size, cfg.fps)
             write_text(path.with_suffix(".txt"), str(item["caption"]))
             files.append(path)
             bar.update(1)
 
     params = {
-        "count": count,
-        "frames": frames,
-        "size": size,
-        "fps": fps,
-        "seed": seed,
-        "image_fraction": image_fraction,
-        "position_jitter": position_jitter,
-        "shape_size": shape_size,
+        **asdict(cfg),
         "codec": "libx264",
         "crf": CRF,
         "preset": PRESET,

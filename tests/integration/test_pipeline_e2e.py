@@ -76,8 +76,7 @@ def _write_configs(root: Path) -> Path:
         "trainings": trainings,
         "cascade": dump("cascade.yaml", {"name": "e2e", "stages": stages}),
         "prompts": PROMPTS,
-        "render_batch_size": 2,
-        "render_precision": "bf16",
+        "render": {"batch_size": 2, "precision": "bf16"},
     }
     return Path(dump("pipeline.yaml", pipeline))
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from configs import load_config
+from configs import SynthConfig, load_config
 from stages.preprocess import local_shard_executor, run_preprocess
 from stages.shards import decode_sample, read_shard, sha256_file
 from stages.synth import run_synth
@@ -139,7 +139,7 @@ def test_bad_inputs_become_failure_lines_and_the_job_finishes(tmp_path):
 
 
 def _synth_inputs(folder: Path, count: int = 10) -> None:
-    run_synth(folder, count=count, frames=8, size=32, fps=8.0, seed=3, progress=False)
+    run_synth(folder, SynthConfig(count=count, frames=8, size=32, fps=8.0, seed=3), progress=False)
 
 
 def test_killed_run_resumes_to_the_same_bytes(tmp_path):

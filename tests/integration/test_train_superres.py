@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from configs import load_config
+from configs import SynthConfig, load_config
 from models.dit import VideoDiT
 from models.superres import degrade
 from models.text import ByteTextEncoder
@@ -27,16 +27,8 @@ STEPS = 800  # about a minute per model on one core; enough for a clear margin (
 
 
 def _shards(root: Path, count: int, seed: int, image_fraction: float = 0.0) -> Path:
-    run_synth(
-        root / "synth",
-        count=count,
-        frames=8,
-        size=16,
-        fps=8.0,
-        seed=seed,
-        image_fraction=image_fraction,
-        progress=False,
-    )
+    synth = SynthConfig(count=count, frames=8, size=16, fps=8.0, seed=seed, image_fraction=image_fraction)
+    run_synth(root / "synth", synth, progress=False)
     cfg = load_config(overrides=[*GEOMETRY, f"preprocess.out={root / 'out'}", "preprocess.files_per_shard=8"])
     assert run_preprocess(cfg, [str(root / "synth")], progress=False)["failed"] == 0
     return root / "out" / "shards"

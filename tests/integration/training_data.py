@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from configs import load_config
+from configs import SynthConfig, load_config
 from stages.preprocess import run_preprocess
 from stages.synth import run_synth
 
@@ -14,9 +14,8 @@ GEOMETRY = ["data.frames=4", "data.height=8", "data.width=8", "data.fps=8", "mod
 
 def make_training_shards(root: Path) -> Path:
     """Synthesize and preprocess into `root`; returns the shard directory."""
-    run_synth(
-        root / "synth", count=24, frames=8, size=16, fps=8.0, seed=5, image_fraction=0.25, progress=False
-    )
+    synth = SynthConfig(count=24, frames=8, size=16, fps=8.0, seed=5, image_fraction=0.25)
+    run_synth(root / "synth", synth, progress=False)
     cfg = load_config(
         overrides=[*GEOMETRY, f"preprocess.out={root / 'shards'}", "preprocess.files_per_shard=2"]
     )

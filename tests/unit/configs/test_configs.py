@@ -4,11 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from configs import ConfigError, RunConfig, dump_config, fingerprint, load_config, model_config
+from configs import (
+    CascadeStageConfig,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    dump_config,
+    fingerprint,
+    load_config,
+    model_config,
+)
 from configs.reference import field_docs, render, sections
+from configs.schema import (
+    AttentionBackend,
+    LossWeighting,
+    Prediction,
+    RenderPrecision,
+    SamplerName,
+    TrainPrecision,
+)
+from configs.validate import choice_fields, validate
 from tests import ROOT
 
 
@@ -109,3 +128,96 @@ def test_every_field_documented_and_reference_in_sync():
 def test_text_embeddings_need_the_frozen_t5_encoder():
     with pytest.raises(ValueError, match=r"preprocess.text_embeddings: needs a frozen text encoder.*byte"):
         load_config(overrides=["preprocess.text_embeddings=true"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fields with a fixed set of values
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_choice_fields_are_literals_listed_once_and_read_back_as_plain_strings(tmp_path):
+    fields = {
+        f"{section.name}.{name}"
+        for section in dataclasses.fields(RunConfig)
+        if section.name != "name"
+        for name in choice_fields(type(getattr(RunConfig(), section.name)))
+    }
+    assert fields == {
+        "model.kind",
+        "model.pos_embed",
+        "model.attention_backend",
+        "text.encoder",
+        "diffusion.prediction",
+        "diffusion.loss_weighting",
+        "diffusion.sampler",
+        "diffusion.guidance_schedule",
+        "parallel.precision",
+        "render.precision",
+        "preprocess.resize",
+        "preprocess.decoder",
+    }
+    assert set(choice_fields(CascadeStageConfig)) == {"kind", "sampler", "guidance_schedule"}
+    assert choice_fields(CascadeStageConfig)["kind"] == choice_fields(ModelConfig)["kind"]
+    path = _yaml(tmp_path, "model:\n  kind: ssr\nrender:\n  precision: bf16\n")
+    cfg = load_config([path], ["diffusion.sampler=dpmpp_2m"])
+    values = (cfg.model.kind, cfg.render.precision, cfg.diffusion.sampler)
+    assert values == ("ssr", "bf16", "dpmpp_2m") and all(type(v) is str for v in values)
+    assert "kind: ssr\n" in dump_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("layer", "pattern"),
+    [
+        (
+            "render:\n  precision: fp16\n",
+            r"render.precision: unknown value 'fp16'; expected one of fp32, bf16$",
+        ),
+        (
+            "model:\n  kind: upscale\n",
+            r"model.kind: unknown value 'upscale'; expected one of base, tsr, ssr$",
+        ),
+        ("text:\n  encoder: clip\n", r"text.encoder: unknown value 'clip'; expected one of byte, t5$"),
+    ],
+)
+def test_a_bad_choice_names_the_file_field_value_and_the_choices(tmp_path, layer, pattern):
+    path = _yaml(tmp_path, layer)
+    with pytest.raises(ConfigError, match=pattern) as err:
+        load_config([path])
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_configs_built_in_code_are_checked_against_the_same_choices():
+    cfg = RunConfig()
+    cfg.parallel.precision = "fp8"
+    with pytest.raises(
+        ValueError, match=r"^parallel.precision: unknown value 'fp8'; expected one of fp32, bf16, fp16$"
+    ):
+        validate(cfg)
+    with pytest.raises(
+        ValueError, match=r"^model.pos_embed: unknown value 'alibi'; expected one of rope, sincos$"
+    ):
+        validate(ModelConfig(pos_embed="alibi"))
+
+
+def test_the_models_dispatch_on_the_config_choices():
+    """The code that acts on each choice knows exactly the values the config allows."""
+    from models.attention import BACKENDS
+    from models.diffusion.losses import WEIGHTINGS
+    from models.diffusion.samplers import SAMPLER_NAMES
+    from models.diffusion.schedules import PREDICTIONS
+    from stages.precision import DTYPES
+
+    assert ("auto", *BACKENDS) == get_args(AttentionBackend)
+    assert get_args(SamplerName) == SAMPLER_NAMES
+    assert get_args(Prediction) == PREDICTIONS
+    assert get_args(LossWeighting) == WEIGHTINGS
+    assert tuple(DTYPES) == get_args(TrainPrecision)
+    assert set(get_args(RenderPrecision)) <= set(DTYPES)
+
+
+def test_cascade_stages_sample_with_the_diffusion_sections_defaults():
+    stage, diffusion = CascadeStageConfig(), RunConfig().diffusion
+    shared = ("sampler", "steps", "guidance_scale", "guidance_schedule", "guidance_low", "cond_aug_level")
+    assert {name: getattr(stage, name) for name in shared} == {
+        name: getattr(diffusion, name) for name in shared
+    }

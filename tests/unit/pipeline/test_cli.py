@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import av
 import pytest
 
-from configs import ConfigError, load_config
+from configs import ConfigError, PipelineTrainingConfig, SynthConfig, load_config
 from pipeline.cli import main
 from stages.render.output import load_video_tensor
 from tests import ROOT
@@ -56,6 +57,37 @@ def test_run_names_a_bad_synth_value(tmp_path, capsys, key, value, expected):
     config.write_text(f"synth: {{{key}: {value}}}\n")
     assert main(["run", str(config)]) == 2
     assert f"synth.{key}: got {value}, expected a value in {expected}" in capsys.readouterr().err
+
+
+def test_synth_command_defaults_are_the_synth_config_and_bad_values_name_the_field(tmp_path, capsys):
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args(["synth", "--out", str(tmp_path)])
+    assert {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)} == dataclasses.asdict(
+        SynthConfig()
+    )
+    out = tmp_path / "out"
+    assert main(["synth", "--out", str(out), "--count", "0", "--quiet"]) == 2
+    assert "count: got 0, expected an integer >= 1" in capsys.readouterr().err and not out.exists()
+    assert main(["synth", "--out", str(out), "--count", "2", "--size", "32", "--frames", "2", "--quiet"]) == 0
+    params = json.loads((out / "synth.json").read_text())["params"]
+    assert {k: params[k] for k in ("count", "size", "frames", "shape_size")} == {
+        "count": 2,
+        "size": 32,
+        "frames": 2,
+        "shape_size": SynthConfig.shape_size,
+    }
+
+
+def test_a_pipeline_checks_its_synth_section_as_run_synth_does(tmp_path, capsys):
+    config = tmp_path / "p.yaml"
+    config.write_text("synth: {size: 33}\n")
+    assert main(["run", str(config)]) == 2
+    assert "synth.size: got 33, expected an even size" in capsys.readouterr().err
+    from pipeline.job import load_pipeline
+
+    config.write_text("inputs: [videos/]\nsynth: {size: 33}\n")  # with inputs, nothing is synthesized
+    assert load_pipeline([config]).synth.size == 33
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +180,7 @@ def test_render_precision_is_checked_and_reruns_only_the_render():
     fingerprints = {
         precision: {
             s.name: s.fingerprint
-            for s in PipelineJob(load_pipeline(demo, [f"render_precision={precision}"])).stages()
+            for s in PipelineJob(load_pipeline(demo, [f"render.precision={precision}"])).stages()
         }
         for precision in ("fp32", "bf16")
     }
@@ -156,6 +188,21 @@ def test_render_precision_is_checked_and_reruns_only_the_render():
     assert {name for name in fp32 if fp32[name] != bf16[name]} == {"render"}
     assert fp32 == {s.name: s.fingerprint for s in PipelineJob(load_pipeline(demo)).stages()}  # the default
     with pytest.raises(
-        ConfigError, match="render_precision: unknown value 'fp16'; expected one of fp32, bf16"
+        ConfigError, match=r"render\.precision: unknown value 'fp16'; expected one of fp32, bf16"
     ):
-        load_pipeline(demo, ["render_precision=fp16"])
+        load_pipeline(demo, ["render.precision=fp16"])
+
+
+def test_ray_train_worker_defaults_are_a_pipeline_trainings():
+    import inspect
+
+    from pipeline.cli import build_parser
+    from pipeline.ray_train import ray_train
+
+    names = ("workers", "cpus_per_worker", "gpus_per_worker")
+    expected = {name: getattr(PipelineTrainingConfig(), name) for name in names}
+    assert expected == {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0.0}
+    args = build_parser().parse_args(["train", "configs/tiny.yaml", "--ray"])
+    assert {name: getattr(args, name) for name in names} == expected
+    signature = inspect.signature(ray_train).parameters
+    assert {name: signature[name].default for name in names} == expected

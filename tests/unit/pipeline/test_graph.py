@@ -13,8 +13,8 @@ import pytest
 from pipeline.graph import (
     GraphError,
     GraphStage,
+    RunLock,
     Selection,
-    _Lock,
     plan_graph,
     read_record,
     run_graph,
@@ -235,7 +235,7 @@ def test_a_stage_larger_than_the_capacity_runs_alone(tmp_path):
 
 
 def test_run_directory_lock_refuses_a_second_run(tmp_path):
-    with _Lock(tmp_path):
+    with RunLock(tmp_path):
         toy = Toy(tmp_path)
         with pytest.raises(GraphError, match="in use by pid"):
             toy.run()

@@ -23,7 +23,7 @@ def test_v2_switch_reads_as_ray_reads_it(monkeypatch, value):
         monkeypatch.delenv(ray_train.RAY_TRAIN_V2, raising=False)
     else:
         monkeypatch.setenv(ray_train.RAY_TRAIN_V2, value)
-    assert ray_train._v2_enabled() == is_v2_enabled()
+    assert ray_train.v2_enabled() == is_v2_enabled()
 
 
 def test_placement_group_cleaner_logger_name_is_rays():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import SynthConfig
 from stages.synth.make import (
     BACKGROUND,
     COLORS,
@@ -31,7 +32,9 @@ SIZE, FRAMES, FPS = 32, 8, 8.0
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, SynthSummary]:
     out = tmp_path_factory.mktemp("synth")
-    return out, run_synth(out, count=16, frames=FRAMES, size=SIZE, fps=FPS, seed=3, progress=False)
+    return out, run_synth(
+        out, SynthConfig(count=16, frames=FRAMES, size=SIZE, fps=FPS, seed=3), progress=False
+    )
 
 
 def _manifest(out: Path) -> dict:
@@ -111,12 +114,16 @@ def test_layout_counts_and_captions(dataset):
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path, dataset):
     out, _ = dataset
     again = _tree(
-        run_synth(tmp_path / "a", 16, frames=FRAMES, size=SIZE, fps=FPS, seed=3, progress=False).out
+        run_synth(
+            tmp_path / "a", SynthConfig(16, frames=FRAMES, size=SIZE, fps=FPS, seed=3), progress=False
+        ).out
     )
     assert again == _tree(out)
 
     other = _tree(
-        run_synth(tmp_path / "b", 16, frames=FRAMES, size=SIZE, fps=FPS, seed=4, progress=False).out
+        run_synth(
+            tmp_path / "b", SynthConfig(16, frames=FRAMES, size=SIZE, fps=FPS, seed=4), progress=False
+        ).out
     )
     assert other.keys() == again.keys()
     media = [name for name in again if name.endswith((".mp4", ".png"))]
@@ -176,7 +183,7 @@ def test_videos_decode_with_caption_colour_and_direction(dataset):
 
 @pytest.mark.parametrize("fps", [7.5, 24.0])
 def test_other_frame_rates_and_sizes(tmp_path, fps):
-    summary = run_synth(tmp_path, count=1, frames=3, size=16, fps=fps, seed=0, progress=False)
+    summary = run_synth(tmp_path, SynthConfig(count=1, frames=3, size=16, fps=fps, seed=0), progress=False)
     frames, rate, _ = _decode(summary.files[0])
     assert rate == Fraction(fps) and len(frames) == 3 and frames[0].shape == (16, 16, 3)
     assert _foreground(frames[0]).any()
@@ -229,7 +236,7 @@ def test_shape_masks():
 
 def test_every_combination_present(tmp_path):
     assert len(VIDEO_COMBOS) == len(SHAPES) * len(COLORS) * len(DIRECTIONS) == 48
-    summary = run_synth(tmp_path, count=64, frames=2, size=16, seed=11, progress=False)
+    summary = run_synth(tmp_path, SynthConfig(count=64, frames=2, size=16, seed=11), progress=False)
     assert (summary.videos, summary.images) == (48, 16)
     items = _manifest(tmp_path)["items"]
     videos = {(it["color"], it["shape"], it["direction"]) for it in items if it["direction"]}
@@ -240,7 +247,9 @@ def test_every_combination_present(tmp_path):
 
 @pytest.mark.parametrize(("fraction", "videos", "images"), [(0.0, 3, 0), (1.0, 0, 3), (0.5, 1, 2)])
 def test_image_fraction(tmp_path, fraction, videos, images):
-    summary = run_synth(tmp_path, count=3, frames=2, size=16, image_fraction=fraction, progress=False)
+    summary = run_synth(
+        tmp_path, SynthConfig(count=3, frames=2, size=16, image_fraction=fraction), progress=False
+    )
     assert (summary.videos, summary.images) == (videos, images)
     assert len(summary.files) == 3 and all(p.exists() for p in summary.files)
 
@@ -259,7 +268,7 @@ def _cross_positions(items: list[dict]) -> tuple[set[int], set[int]]:
 
 
 def test_position_jitter_zero_pins_shapes_to_the_centre_line(tmp_path):
-    run_synth(tmp_path, count=64, frames=2, size=32, seed=3, position_jitter=0.0, progress=False)
+    run_synth(tmp_path, SynthConfig(count=64, frames=2, size=32, seed=3, position_jitter=0.0), progress=False)
     side = _manifest(tmp_path)["items"][0]["side"]
     video, image = _cross_positions(_manifest(tmp_path)["items"])
     centre = {(32 - side) // 2, (32 - side + 1) // 2}  # the centred top-left (either, when not integral)
@@ -276,11 +285,7 @@ def test_position_jitter_narrows_the_spread_around_the_centre(tmp_path):
     for jitter in (1.0, 0.3):
         run_synth(
             tmp_path / str(jitter),
-            count=96,
-            frames=2,
-            size=64,
-            seed=5,
-            position_jitter=jitter,
+            SynthConfig(count=96, frames=2, size=64, seed=5, position_jitter=jitter),
             progress=False,
         )
         items = _manifest(tmp_path / str(jitter))["items"]
@@ -295,7 +300,9 @@ def test_position_jitter_narrows_the_spread_around_the_centre(tmp_path):
 
 def test_shape_size_sets_the_box_and_the_painted_pixels(tmp_path):
     run_synth(
-        tmp_path, count=8, frames=2, size=32, seed=1, image_fraction=0.5, shape_size=0.5, progress=False
+        tmp_path,
+        SynthConfig(count=8, frames=2, size=32, seed=1, image_fraction=0.5, shape_size=0.5),
+        progress=False,
     )
     items = _manifest(tmp_path)["items"]
     assert {it["side"] for it in items} == {16}
@@ -310,11 +317,18 @@ def test_shape_size_sets_the_box_and_the_painted_pixels(tmp_path):
 
 
 def test_rerun_with_fewer_items_removes_stale_files(tmp_path):
-    run_synth(tmp_path, count=8, frames=2, size=16, progress=False)
+    run_synth(tmp_path, SynthConfig(count=8, frames=2, size=16), progress=False)
     (tmp_path / "notes.md").write_text("mine")
-    summary = run_synth(tmp_path, count=4, frames=2, size=16, progress=False)
+    summary = run_synth(tmp_path, SynthConfig(count=4, frames=2, size=16), progress=False)
     expected = {p.name for p in summary.files} | {p.with_suffix(".txt").name for p in summary.files}
     assert {p.name for p in tmp_path.iterdir()} == expected | {"synth.json", "notes.md"}
+
+
+def test_rerun_removes_what_a_killed_write_left(tmp_path):
+    torn = tmp_path / "video_00000.mp4.tmp-4242-4243"
+    torn.write_bytes(b"half an mp4")
+    run_synth(tmp_path, SynthConfig(count=2, frames=2, size=16), progress=False)
+    assert not torn.exists() and not list(tmp_path.glob("*.tmp-*"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,27 +337,28 @@ def test_rerun_with_fewer_items_removes_stale_files(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "name"),
+    ("kwargs", "name", "expected"),
     [
-        ({"count": 0}, "count"),
-        ({"count": 2.5}, "count"),
-        ({"size": 8}, "size"),
-        ({"size": 33}, "size"),
-        ({"frames": 1}, "frames"),
-        ({"fps": 0.0}, "fps"),
-        ({"fps": float("nan")}, "fps"),
-        ({"seed": -1}, "seed"),
-        ({"image_fraction": 1.5}, "image_fraction"),
-        ({"position_jitter": -0.1}, "position_jitter"),
-        ({"position_jitter": "0"}, "position_jitter"),
-        ({"shape_size": 0.0}, "shape_size"),
-        ({"shape_size": 0.8}, "shape_size"),
+        ({"count": 0}, "count", "got 0, expected an integer >= 1"),
+        ({"count": 2.5}, "count", "got 2.5, expected an integer >= 1"),
+        ({"size": 8}, "size", "got 8, expected an integer >= 16"),
+        ({"size": 33}, "size", "got 33, expected an even size"),
+        ({"frames": 1}, "frames", "got 1, expected an integer >= 2"),
+        ({"fps": 0.0}, "fps", "got 0.0, expected > 0"),
+        ({"fps": float("nan")}, "fps", "got nan, expected a finite number > 0"),
+        ({"seed": -1}, "seed", "got -1, expected an integer >= 0"),
+        ({"image_fraction": 1.5}, "image_fraction", "got 1.5, expected a value in [0, 1]"),
+        ({"position_jitter": -0.1}, "position_jitter", "got -0.1, expected a value in [0, 1]"),
+        ({"position_jitter": "0"}, "position_jitter", "got '0', expected a finite number in [0, 1]"),
+        ({"shape_size": 0.0}, "shape_size", "got 0.0, expected a value in (0, 0.75]"),
+        ({"shape_size": 0.8}, "shape_size", "got 0.8, expected a value in (0, 0.75]"),
     ],
 )
-def test_argument_errors_name_the_argument(tmp_path, kwargs, name):
+def test_argument_errors_name_the_argument(tmp_path, kwargs, name, expected):
     args = {"count": 2, **kwargs}
-    with pytest.raises(ValueError, match=rf"^{name}\b"):
-        run_synth(tmp_path / "out", progress=False, **args)
+    with pytest.raises(ValueError, match=rf"^{name}\b") as err:
+        run_synth(tmp_path / "out", SynthConfig(**args), progress=False)
+    assert str(err.value).startswith(f"{name}: {expected}")
     assert not (tmp_path / "out").exists()
 
 
@@ -351,4 +366,4 @@ def test_out_must_be_a_directory(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
     with pytest.raises(ValueError, match="out"):
-        run_synth(target, count=1, progress=False)
+        run_synth(target, SynthConfig(count=1), progress=False)

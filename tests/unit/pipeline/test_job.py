@@ -1,0 +1,88 @@
+"""A pipeline's stage configs: the paths it sets are typed fields, and they give exactly the run configs,
+cascade and stage fingerprints that the same settings given as `key=value` override strings give (a
+changed fingerprint would retrain every existing run directory)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from configs import ConfigError, fingerprint, load_cascade, load_config, to_dict
+from pipeline.job import PipelineJob, load_pipeline, split_items
+from tests import ROOT
+
+DEMO = ROOT / "configs" / "pipeline" / "demo.yaml"
+
+
+def _overridden(items: list[str], extra: list[str]):
+    """A run config loaded with the pipeline's paths as override strings after the user's items."""
+    paths, overrides = split_items(items)
+    return load_config(paths, [*overrides, *extra])
+
+
+def _expected(overrides: list[str]) -> tuple[PipelineJob, dict[str, str]]:
+    """The job, and its stage fingerprints computed from configs loaded with override strings."""
+    cfg = load_pipeline([DEMO], overrides)
+    job = PipelineJob(cfg)
+    out = Path(cfg.out_dir)
+    pre = _overridden(cfg.preprocess, [f"preprocess.out={out / 'shards'}"])
+    assert job.preprocess == pre
+    expected = {"preprocess": fingerprint({"config": to_dict(pre), "inputs": [str(out / "data")]})}
+    for name, t in cfg.trainings.items():
+        run = _overridden(
+            t.config, [f"data.shards={out / 'shards' / 'shards'}", f"train.out_dir={out / name}"]
+        )
+        assert job.trainings[name] == run, name
+        expected[f"train-{name}"] = fingerprint({"config": to_dict(run), "workers": t.workers})
+    names = [s.name for s in load_cascade(cfg.cascade, cfg.cascade_overrides).stages]
+    pointed = [f"stages.{i}.checkpoint={out / n}" for i, n in enumerate(names) if n in cfg.trainings]
+    cascade = load_cascade(cfg.cascade, [*cfg.cascade_overrides, *pointed])
+    assert job.cascade == cascade
+    expected["render"] = fingerprint({"cascade": to_dict(cascade), "prompts": cfg.prompts, "seed": 0})
+    return job, expected
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["out_dir=/tmp/elsewhere/run", "trainings.ssr.workers=2"],
+        ["trainings.base.config=[configs/demo/base.yaml,data.shards=mine,train.out_dir=mine]"],
+        ["cascade_overrides=[stages.0.checkpoint=ignored,stages.1.steps=3]"],
+    ],
+)
+def test_typed_paths_give_the_configs_and_fingerprints_of_override_strings(overrides):
+    job, expected = _expected(overrides)
+    got = {s.name: s.fingerprint for s in job.stages()}
+    assert {name: got[name] for name in expected} == expected
+
+
+def test_a_bad_training_config_names_the_training():
+    with pytest.raises(ConfigError, match=r"^trainings.base: .*model.depth: got 0, expected > 0"):
+        PipelineJob(load_pipeline([DEMO], ["trainings.base.config=[configs/demo/base.yaml,model.depth=0]"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "extra"),
+    [
+        ([], {}),
+        (["render.batch_size=2", "render.out_dir=elsewhere", "render_gpus_per_stage=1"], {}),
+        (["render.seed=3"], {"seed": 3}),
+        (["render.precision=bf16"], {"precision": "bf16"}),
+        (
+            ["render.save_intermediate=false", "render.contact_sheet=false"],
+            {"save_intermediate": False, "contact_sheet": False},
+        ),
+    ],
+)
+def test_the_render_section_reaches_the_render_stage_and_only_non_defaults_enter_its_fingerprint(
+    overrides, extra
+):
+    job, expected = _expected(overrides)
+    settings = {"cascade": to_dict(job.cascade), "prompts": job.cfg.prompts, "seed": 0, **extra}
+    assert {s.name: s.fingerprint for s in job.stages()}["render"] == fingerprint(settings)
+    assert job.render == dataclasses.replace(job.cfg.render, out_dir=str(Path(job.cfg.out_dir) / "renders"))
+    if not extra:  # the demo's settings (render.batch_size 6) and placement do not change what is rendered
+        assert fingerprint(settings) == expected["render"]
