@@ -48,7 +48,7 @@ Environment knobs (defaults in brackets):
   EXTRAS [test]  LINT [1]
   train: NPROC_PER_NODE [GPUs, or 1 without]  NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]
          MASTER_PORT [29500]  HOSTFILE []   ray-head: RAY_PORT [6379]  RAY_DASHBOARD_HOST [127.0.0.1]
-Extra arguments to `test` go to pytest, e.g. ./launch.sh test -m "not slow" -x
+Extra arguments to `test` go to pytest, e.g. the fast tier: ./launch.sh test -m "not slow and not integration"
 
 On a CPU-only machine the CPU torch build is installed first so nothing pulls CUDA wheels: set
 TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu where the plain index would give a CUDA build.

@@ -1,6 +1,12 @@
 """Typed run configuration: schema (dataclasses), strict YAML loading, validation, fingerprints."""
 
-from configs.cascade import check_stage_model, load_cascade, stage_factor, validate_cascade
+from configs.cascade import (
+    check_stage_model,
+    load_cascade,
+    sampler_settings,
+    stage_factor,
+    validate_cascade,
+)
 from configs.loader import ConfigError, dump_config, fingerprint, load_config, model_config, to_dict
 from configs.schema import (
     CascadeConfig,
@@ -41,6 +47,7 @@ __all__ = [
     "load_cascade",
     "load_config",
     "model_config",
+    "sampler_settings",
     "stage_factor",
     "to_dict",
     "validate_cascade",

@@ -15,6 +15,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -191,6 +192,15 @@ def validate_cascade(c: CascadeConfig) -> None:
         raise ValueError(f"stages[0] '{first.name}' is {first.kind}: the first stage must be base{hint}")
     for i in range(1, len(c.stages)):
         _validate_link(i, c.stages[i - 1], c.stages[i])
+
+
+SAMPLER_FIELDS = ("sampler", "steps", "guidance_scale", "guidance_schedule", "guidance_low", "cond_aug_level")
+"""A cascade stage's sampler settings: each overrides the `diffusion` field of the same name."""
+
+
+def sampler_settings(stage: CascadeStageConfig) -> dict[str, Any]:
+    """The stage's sampler settings by field name (`SAMPLER_FIELDS`, in that order)."""
+    return {name: getattr(stage, name) for name in SAMPLER_FIELDS}
 
 
 def stage_factor(prev: CascadeStageConfig | None, cur: CascadeStageConfig) -> int:

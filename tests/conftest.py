@@ -1,4 +1,5 @@
-"""Fixtures shared by unit and integration tests: the shared test media and a tiny local T5."""
+"""Fixtures shared by unit and integration tests (the shared test media, a tiny local T5) and the
+`integration` marker of everything under tests/integration/."""
 
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ def media() -> Callable[..., Path]:
         return path
 
     return lookup
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration/ is marked `integration` (it starts processes, clusters or
+    trainings); the fast tier is `-m "not slow and not integration"`."""
+    integration = ROOT / "tests" / "integration"
+    for item in items:
+        if integration in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.integration)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

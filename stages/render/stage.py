@@ -31,6 +31,7 @@ from configs import (
     RunConfig,
     check_stage_model,
     load_config,
+    sampler_settings,
 )
 from models.superres import upsample_video
 from models.text import check_t5_dir
@@ -135,14 +136,7 @@ def prepare_stage(
     if run.text.encoder == "t5":
         t5 = check_t5_dir(run.text.t5_path).resolve()  # absolute: Ray actors run elsewhere
         run = dataclasses.replace(run, text=dataclasses.replace(run.text, t5_path=str(t5)))
-    overrides = {
-        "sampler": stage.sampler,
-        "steps": stage.steps,
-        "guidance_scale": stage.guidance_scale,
-        "guidance_schedule": stage.guidance_schedule,
-        "guidance_low": stage.guidance_low,
-        "cond_aug_level": stage.cond_aug_level,
-    }
+    overrides = sampler_settings(stage)
     if guidance_scale is not None:
         overrides.update(guidance_scale=float(guidance_scale), guidance_schedule="constant")
     diffusion = dataclasses.replace(run.diffusion, **overrides)

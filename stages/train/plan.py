@@ -12,32 +12,32 @@ from stages.tables import key_value_table
 
 def training_plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """What a run will do per step, computed from the config alone (the plan printed before training)."""
-    d, p = cfg.data, cfg.parallel
-    height, width = cfg.train.crop or (d.height, d.width)
+    data, parallel = cfg.data, cfg.parallel
+    height, width = cfg.train.crop or (data.height, data.width)
     params = parameter_count(cfg.model)
-    grid = token_grid(cfg.model, d.frames, height, width)
-    global_batch = d.batch_size * p.grad_accum * world_size
-    fwd = forward_flops(cfg.model, d.frames, height, width, cfg.text.max_length).total
+    grid = token_grid(cfg.model, data.frames, height, width)
+    global_batch = data.batch_size * parallel.grad_accum * world_size
+    fwd = forward_flops(cfg.model, data.frames, height, width, cfg.text.max_length).total
     # model states per device (DeepSpeed ZeRO accounting): weights, gradients, fp32 master + Adam m, v
-    w_bytes = 2 if p.precision in ("bf16", "fp16") else 4
-    master = 4 if p.precision in ("bf16", "fp16") else 0
+    w_bytes = 2 if parallel.precision in ("bf16", "fp16") else 4
+    master = 4 if parallel.precision in ("bf16", "fp16") else 0
     weights, grads, optim = w_bytes, w_bytes, master + 8
     n = world_size
-    if p.zero_stage >= 1:
+    if parallel.zero_stage >= 1:
         optim /= n
-    if p.zero_stage >= 2:
+    if parallel.zero_stage >= 2:
         grads /= n
-    if p.zero_stage >= 3:
+    if parallel.zero_stage >= 3:
         weights /= n
-    if p.offload_optimizer:
+    if parallel.offload_optimizer:
         optim = 0
-    ema = 4 / (n if p.zero_stage >= 3 else 1)
+    ema = 4 / (n if parallel.zero_stage >= 3 else 1)
     return {
         "world_size": world_size,
-        "zero_stage": p.zero_stage,
-        "precision": p.precision,
-        "micro_batch": d.batch_size,
-        "grad_accum": p.grad_accum,
+        "zero_stage": parallel.zero_stage,
+        "precision": parallel.precision,
+        "micro_batch": data.batch_size,
+        "grad_accum": parallel.grad_accum,
         "global_batch": global_batch,
         "parameters": params,
         "tokens_per_sample": math.prod(grid),

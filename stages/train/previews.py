@@ -53,11 +53,11 @@ def write_previews(
         text = ByteTextEncoder.from_config(cfg.text)
         text.load_state_dict({k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")})
     model, text = model.to(device), text.to(device)
-    d = cfg.data
+    data = cfg.data
     n = len(cfg.train.preview_prompts)
     if cfg.model.kind == "base":
-        prompts, target, cond, fps = list(cfg.train.preview_prompts), None, None, d.fps
-        shape = (d.frames, d.height, d.width)
+        prompts, target, cond, fps = list(cfg.train.preview_prompts), None, None, data.fps
+        shape = (data.frames, data.height, data.width)
     else:
         if clips is None:
             raise ValueError(f"previews of a {cfg.model.kind} model need a batch of training clips")
@@ -81,7 +81,7 @@ def write_previews(
     frames = to_uint8(video)
     out = Path(cfg.train.out_dir) / "previews" / f"step_{step:08d}"
     for i, clip in enumerate(frames):
-        write_mp4(clip, out / f"prompt_{i:02d}.mp4", fps or d.fps)  # a still image: a 1-frame mp4
+        write_mp4(clip, out / f"prompt_{i:02d}.mp4", fps or data.fps)  # a still image: a 1-frame mp4
     if target is None:
         contact_sheet(list(frames), out / "sheet.png", labels=prompts)
     else:

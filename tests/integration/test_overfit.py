@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from configs import model_config
@@ -26,6 +27,7 @@ def _moving_clip(frames: int = 4, size: int = 8) -> torch.Tensor:
     return torch.stack(clip, dim=1)[None].clamp(-1, 1)
 
 
+@pytest.mark.slow  # 300 optimizer steps
 def test_tiny_model_overfits_one_clip():
     torch.manual_seed(0)
     model = VideoDiT(model_config("tiny", patch_size=[1, 1, 1], attention_backend="sdpa"))

@@ -18,8 +18,6 @@ from pipeline.cli import main
 from pipeline.graph import read_record, status_rows
 from stages.artifacts import resolve_committed
 
-pytestmark = pytest.mark.integration
-
 GEOMETRY = {"base": (4, 8, 8, 4.0), "tsr": (8, 8, 8, 8.0), "ssr": (8, 16, 16, 8.0)}
 """frames, height, width, fps of each model (and of its cascade stage)."""
 
@@ -85,6 +83,7 @@ def _records(run: Path) -> dict[str, dict]:
     return {row["stage"]: read_record(run, row["stage"]) for row in status_rows(run)}
 
 
+@pytest.mark.slow  # three trainings and a render on Ray
 def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
     config = _write_configs(tmp_path)
     run = tmp_path / "run"

@@ -23,8 +23,6 @@ from tests.integration.training_data import GEOMETRY, make_training_shards
 
 STEPS, EVERY = 8, 4
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def ray_session():

@@ -12,8 +12,6 @@ from stages.render import render
 from stages.render.output import load_video_tensor, read_json
 from tests.render_fixtures import VIDEO_STAGES, build_cascade
 
-pytestmark = pytest.mark.integration
-
 PROMPTS = ["a red circle moving right", "a blue square moving up"]
 
 

@@ -23,8 +23,6 @@ from stages.train import NonFiniteError, checkpoint, train
 from tests import ROOT
 from tests.integration.training_data import GEOMETRY, make_training_shards
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:

@@ -20,8 +20,6 @@ from stages.shards.loader import loader_from_config
 from stages.synth import run_synth
 from stages.train import train
 
-pytestmark = pytest.mark.integration
-
 GEOMETRY = ["data.frames=4", "data.height=16", "data.width=16", "data.fps=8", "model.patch_size=[1,2,2]"]
 STEPS = 800  # about a minute per model on one core; enough for a clear margin (see docs/TRAINING.md)
 
@@ -63,6 +61,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(4.0 / ((a - b) ** 2).mean()))  # peak-to-peak 2 in [-1, 1]
 
 
+@pytest.mark.slow  # 800 steps per model
 @pytest.mark.parametrize("kind", ["ssr", "tsr"])
 def test_super_resolution_beats_interpolation(data, tmp_path, kind):
     train_shards, held_shards = data

@@ -75,6 +75,7 @@ def _loader(root, **kw):
     return make_loader(root, images_per_item=3, **args)
 
 
+@pytest.mark.integration  # DataLoader worker processes
 def test_eval_covers_every_sample_once_across_ranks_and_workers(dataset):
     root, frames = dataset
     per_rank = []
@@ -203,7 +204,7 @@ def _same(a, b) -> bool:
     return a.keys == b.keys and torch.equal(a.x, b.x) and a.position == b.position
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.integration)])
 def test_resume_yields_the_batches_of_an_uninterrupted_run(dataset, workers):
     root, _ = dataset
     kw = dict(rank=1, world_size=2, num_workers=workers, image_fraction=0.3, max_pending=3)
@@ -223,6 +224,7 @@ def test_resume_yields_the_batches_of_an_uninterrupted_run(dataset, workers):
         _loader(root, **{**kw, "seed": 4}).load_state_dict(state)
 
 
+@pytest.mark.integration  # DataLoader worker processes
 def test_eval_resume_finishes_the_pass_exactly(dataset):
     root, _ = dataset
     kw = dict(num_workers=2, image_fraction=0.5, train=False)
