@@ -5,7 +5,6 @@ Each failure raises ValueError naming the dotted field, the value and what was e
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -32,7 +31,6 @@ def check_choice(name: str, value: object, choices: Any) -> None:
         raise ValueError(f"{name}: unknown value '{value}'; expected one of {', '.join(allowed)}")
 
 
-@functools.cache
 def choice_fields(cls: type) -> dict[str, Any]:
     """The fields of the dataclass `cls` typed with a fixed set of values (a `Literal`), by name."""
     return {name: hint for name, hint in get_type_hints(cls).items() if get_origin(hint) is Literal}

@@ -43,6 +43,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from models.flops import forward_flops, parameter_count
+    from stages.tables import key_value_table
 
     cfg = _load(args.config)
     d, m = cfg.data, cfg.model
@@ -57,9 +58,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
         ("forward GFLOPs/sample", f"{flops.total / 1e9:.3f}"),
         *((f"  {name}", f"{value / 1e9:.3f}") for name, value in flops.as_dict().items() if name != "total"),
     ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print(key_value_table(rows))
     return 0
 
 

@@ -29,8 +29,6 @@ MARKER = "COMMITTED"
 """The commit marker of a step directory."""
 EXPORTED = "exported"
 """The folder of a step directory holding the inference weights."""
-STATES = ("model", "ema")
-"""The weight states a checkpoint exports: the optimizer's weights and their EMA."""
 
 
 # --------------------------------------------------------------------------------------------------
