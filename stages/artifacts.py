@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from configs import RunConfig
@@ -105,7 +106,7 @@ def exported_files(step: Path, cfg: RunConfig, state: str = "ema") -> list[Path]
     out = step / EXPORTED
     files = [out / CONFIG_NAME, out / weights_name(state)]
     if cfg.text.encoder == "byte":
-        files += [out / TEXT_CONFIG_NAME, out / text_weights_name(state)]
+        files.append(out / text_weights_name(state))
     return files
 
 
@@ -116,4 +117,10 @@ def load_exported(step: Path, cfg: RunConfig, state: str = "ema") -> tuple[Video
     model = VideoDiT.from_pretrained(out, weights_name(state))
     if cfg.text.encoder == "t5":
         return model, T5TextEncoder.from_config(cfg.text)
-    return model, ByteTextEncoder.from_pretrained(out, text_weights_name(state))
+    if (out / TEXT_CONFIG_NAME).is_file():
+        return model, ByteTextEncoder.from_pretrained(out, text_weights_name(state))
+    # an export without text_config.yaml (checkpoints of versions that did not write it): the run
+    # config's text section has the same shape
+    text = ByteTextEncoder.from_config(cfg.text)
+    text.load_state_dict(load_file(out / text_weights_name(state)))
+    return model, text

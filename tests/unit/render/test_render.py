@@ -3,6 +3,7 @@ seeds, batch independence, resume after an interruption, and checks that fail be
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import deque
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from configs import RenderConfig, load_cascade
+from stages.artifacts import resolve_committed
 from stages.render import Prompt, local_stage_executor, read_prompts_file, render
 from stages.render.output import load_video_tensor, read_json, slugify
 from stages.render.schedule import PromptJob, schedule
@@ -295,6 +297,21 @@ def test_a_rerun_removes_what_a_killed_write_left(video_cascade, tmp_path):
     render(cascade, PROMPTS[:1], settings(out))
     assert not torn.exists() and (torn.parent / "01-tsr.safetensors").is_file()
     assert not list(out.rglob("*.tmp-*"))
+
+
+def test_an_export_without_text_config_renders_the_same(video_cascade, tmp_path):
+    cascade = load_cascade(video_cascade)
+    reference = outputs(render(cascade, PROMPTS[:1], settings(tmp_path / "ref")).out_dir)
+    copies = []
+    for stage in cascade.stages:  # checkpoints exported without text_config.yaml
+        copy = tmp_path / "ckpt" / stage.name
+        shutil.copytree(stage.checkpoint, copy)
+        (resolve_committed(copy) / "exported" / "text_config.yaml").unlink()
+        copies.append(dataclasses.replace(stage, checkpoint=str(copy)))
+    old = dataclasses.replace(cascade, stages=copies)
+    again = outputs(render(old, PROMPTS[:1], settings(tmp_path / "out")).out_dir)
+    assert again.keys() == reference.keys()
+    assert all(torch.equal(again[k], reference[k]) for k in again)
 
 
 def test_rerun_with_other_settings_refuses_to_mix(video_cascade, tmp_path):
