@@ -25,6 +25,7 @@ from configs import (
 )
 from configs.schema import RenderPrecision
 from pipeline.graph import GraphError
+from stages.folder_lock import FolderInUse, folder_lock
 
 
 def _load(items: Sequence[str]) -> RunConfig:
@@ -221,14 +222,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     job = PipelineJob(load_pipeline(paths, overrides), address=args.address, progress=not args.quiet)
     stages = job.stages()
     selection = Selection(only=tuple(args.only), from_=args.from_ or "", force=tuple(args.force))
-    plan = plan_graph(stages, job.out, selection)
-    print(format_run_plan(stages, plan))
-    if args.plan:
+    if args.plan:  # reads the run directory, writes nothing
+        print(format_run_plan(stages, plan_graph(stages, job.out, selection)))
         return 0
-    job.write_config()
-    capacity = job.start_ray(plan)
-    started = time.monotonic()
-    statuses = run_graph(stages, job.out, plan, capacity=capacity)
+    with folder_lock(job.out, "pipeline run"):  # before the plan reads the records another run writes
+        plan = plan_graph(stages, job.out, selection)
+        print(format_run_plan(stages, plan))
+        job.write_config()
+        capacity = job.start_ray(plan)
+        started = time.monotonic()
+        statuses = run_graph(stages, job.out, plan, capacity=capacity)
     print(f"\n{format_status(status_rows(job.out))}")
     failed = [name for name, state in statuses.items() if state == "failed"]
     took = format_duration(time.monotonic() - started)
@@ -387,6 +390,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, GraphError) as err:
+    except (FileNotFoundError, ValueError, GraphError, FolderInUse) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

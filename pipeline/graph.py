@@ -225,36 +225,6 @@ def format_run_plan(stages: Sequence[GraphStage], plan: Plan) -> str:
 # ------------------------------------------------------------------------------------------- execution
 
 
-class RunLock:
-    """An exclusive lock on the run directory, so two `pipeline run`s never write one run at once."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = state_dir(run_dir) / "lock"
-
-    def __enter__(self) -> RunLock:
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise GraphError(
-                f"{self.path.parent.parent} is in use by {holder}; wait for it or stop it"
-            ) from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.file.close()
-
-
 def _clean(stage: GraphStage, run_dir: Path) -> None:
     """Delete a stage's outputs before a run that does not resume; only paths inside the run directory."""
     root = Path(run_dir).resolve()
@@ -282,46 +252,46 @@ def run_graph(
     """Run the stages the plan says to run, concurrently as dependencies and `capacity` allow (see the
     module docstring; None: every ready stage starts at once); name → final status.
 
-    Raises GraphError when the run directory is locked by another run. A stage's exception is recorded
-    (status failed, error) and reported in the returned statuses; it does not propagate.
+    The caller holds the run directory's folder lock (`stages.folder_lock`), so no other run writes it.
+    A stage's exception is recorded (status failed, error) and reported in the returned statuses; it
+    does not propagate.
     """
     run_dir = Path(run_dir)
     graph = [{"name": s.name, "deps": list(s.deps), "outputs": [str(p) for p in s.outputs]} for s in stages]
     by_name = {s.name: s for s in stages}
     status = {s.name: ("skipped" if plan.reason[s.name] == "up to date" else "not run") for s in stages}
-    with RunLock(run_dir):
-        _write_json(state_dir(run_dir) / "graph.json", {"stages": graph})
-        pending = [s.name for s in stages if plan.action[s.name] == "run"]
-        finished: queue.Queue[tuple[str, str]] = queue.Queue()
-        running: set[str] = set()
-        waiting: set[str] = set()  # told the log once that it waits for resources
-        failed = False
-        while pending or running:
-            if not failed:
-                ready = [n for n in pending if all(status[d] in ("skipped", "done") for d in by_name[n].deps)]
-                for name in sorted(ready, key=lambda n: -by_name[n].cost):  # stable: graph order on ties
-                    held = [by_name[n].resources for n in running]
-                    if not _fits(by_name[name].resources, held, capacity):
-                        if name not in waiting:
-                            waiting.add(name)
-                            log(f"[{name}] waiting for {_format_resources(by_name[name].resources)}")
-                        continue
-                    pending.remove(name)
-                    running.add(name)
-                    status[name] = "running"
-                    threading.Thread(
-                        target=_run_stage,
-                        args=(by_name[name], run_dir, plan.resume[name], finished, log),
-                        name=f"stage-{name}",
-                        daemon=True,
-                    ).start()
-            if not running:
-                break
-            name, outcome = finished.get()
-            running.discard(name)
-            status[name] = outcome
-            failed = failed or outcome == "failed"
-        remove_leftovers(run_dir)  # no stage runs any more: what a killed earlier run left half-written
+    _write_json(state_dir(run_dir) / "graph.json", {"stages": graph})
+    pending = [s.name for s in stages if plan.action[s.name] == "run"]
+    finished: queue.Queue[tuple[str, str]] = queue.Queue()
+    running: set[str] = set()
+    waiting: set[str] = set()  # told the log once that it waits for resources
+    failed = False
+    while pending or running:
+        if not failed:
+            ready = [n for n in pending if all(status[d] in ("skipped", "done") for d in by_name[n].deps)]
+            for name in sorted(ready, key=lambda n: -by_name[n].cost):  # stable: graph order on ties
+                held = [by_name[n].resources for n in running]
+                if not _fits(by_name[name].resources, held, capacity):
+                    if name not in waiting:
+                        waiting.add(name)
+                        log(f"[{name}] waiting for {_format_resources(by_name[name].resources)}")
+                    continue
+                pending.remove(name)
+                running.add(name)
+                status[name] = "running"
+                threading.Thread(
+                    target=_run_stage,
+                    args=(by_name[name], run_dir, plan.resume[name], finished, log),
+                    name=f"stage-{name}",
+                    daemon=True,
+                ).start()
+        if not running:
+            break
+        name, outcome = finished.get()
+        running.discard(name)
+        status[name] = outcome
+        failed = failed or outcome == "failed"
+    remove_leftovers(run_dir)  # no stage runs any more: what a killed earlier run left half-written
     return status
 
 

@@ -11,7 +11,8 @@ Run directory (`out_dir`):
 - `{training}/`: each model's `train.out_dir` (checkpoints/, metrics.jsonl, tensorboard/);
 - `renders/`: one folder per prompt (docs/RENDERING.md);
 - `index.html`, `contact_sheet.png`: the report;
-- `pipeline/`: `config.yaml` (the resolved pipeline config), `graph.json`, `stages/*.json`, `lock`.
+- `pipeline/`: `config.yaml` (the resolved pipeline config), `graph.json`, `stages/*.json`;
+- `.tessera-lock`: held while a run writes the directory (`stages/folder_lock.py`).
 
 Every stage's config is loaded and cross-checked when the graph is built, so a typo in the render
 cascade fails before an hour of training. The work runs on Ray (in-process unless `address`):

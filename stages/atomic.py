@@ -6,7 +6,8 @@ tensors and media goes through `atomic_path`: the bytes go to a temporary siblin
 target (then the folder is fsynced), so a reader sees the old file or the new one, never a torn one.
 On an error the temporary file is removed. A process killed mid-write leaves its temporary file
 behind; `remove_leftovers` deletes those once the job that owns the folder knows none of its writers is
-alive (the end of a preprocessing job, a render, a training, a pipeline run).
+alive (the end of a preprocessing job, a render, a training, a pipeline run). That job holds the
+folder's lock (`stages.folder_lock`), so no other job's writes are in flight there.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def remove_leftovers(root: str | os.PathLike) -> int:
     """Delete the temporary files of interrupted `atomic_path` writes under `root`; returns how many.
 
-    Call it only when no writer of the folder is alive: a running writer's file would be lost.
+    Call it only under the folder's lock, when no writer of this job is alive: a running writer's file
+    would be lost.
     """
     removed = 0
     for path in Path(root).rglob("*.tmp-*"):

@@ -23,6 +23,7 @@ import numpy as np
 
 from configs import RunConfig, fingerprint
 from stages.atomic import remove_leftovers, write_text
+from stages.folder_lock import folder_lock
 from stages.media import ClipSpec
 from stages.preprocess.decode_process import DecodeFailure, DecodeProcess
 from stages.preprocess.discover import InputItem, discover
@@ -280,6 +281,15 @@ def run_preprocess(
     started = time.monotonic()
     items = discover(inputs)
     tasks = plan_shards(items, cfg)
+    with folder_lock(out, "preprocess"):  # before reading what an earlier run left
+        manifest, resumed = _run_tasks(out, cfg, tasks, executor, progress)
+    return {**manifest, "seconds": round(time.monotonic() - started, 2), "resumed": resumed}
+
+
+def _run_tasks(
+    out: Path, cfg: RunConfig, tasks: list[ShardTask], executor: ShardExecutor, progress: bool
+) -> tuple[dict[str, Any], int]:
+    """Reuse the shards an earlier run finished, make the rest, write the outputs; (manifest, reused)."""
     fp = sample_fingerprint(cfg)
     records: dict[str, dict[str, Any]] = {}
     pending = []
@@ -294,8 +304,7 @@ def run_preprocess(
         records[record["name"]] = record
 
     remove_leftovers(out)  # half-written by a process killed mid-write; every writer of this run is done
-    manifest = _write_outputs(out, cfg, tasks, records, fp)
-    return {**manifest, "seconds": round(time.monotonic() - started, 2), "resumed": len(tasks) - len(pending)}
+    return _write_outputs(out, cfg, tasks, records, fp), len(tasks) - len(pending)
 
 
 def _write_outputs(

@@ -33,6 +33,7 @@ from torch import Tensor
 from configs import CascadeConfig, RenderConfig, fingerprint, validate_cascade
 from configs.validate import validate_render
 from stages.atomic import remove_leftovers
+from stages.folder_lock import folder_lock
 from stages.media import contact_sheet
 from stages.render.output import (
     SIDECAR,
@@ -320,14 +321,15 @@ def render(
         specs, [p.text for p in prompts], [prompt_label(i, p) for i, p in enumerate(prompts)]
     )
     out = Path(settings.out_dir)
-    jobs = []
-    for i, prompt in enumerate(prompts):
-        stage_settings, prints = _chain(specs, prompt.text, "")
-        job = PromptJob(i, prompt.text, prompt_dir(out, i, prompt.text), stage_settings, prints)
-        _resume(job, specs)
-        jobs.append(job)
-    header = {"cascade": {"name": cascade.name, "file": cascade_file}}
-    return _run(jobs, specs, settings, header, executor, progress)
+    with folder_lock(out, "render"):  # before reading what an earlier render left
+        jobs = []
+        for i, prompt in enumerate(prompts):
+            stage_settings, prints = _chain(specs, prompt.text, "")
+            job = PromptJob(i, prompt.text, prompt_dir(out, i, prompt.text), stage_settings, prints)
+            _resume(job, specs)
+            jobs.append(job)
+        header = {"cascade": {"name": cascade.name, "file": cascade_file}}
+        return _run(jobs, specs, settings, header, executor, progress)
 
 
 def stage_index(cascade: CascadeConfig, name: str) -> int:
@@ -377,9 +379,10 @@ def upscale(
     stage_settings, prints = _chain(specs, prompt, digest)
     job_dir = out / f"0000-{slugify(Path(input_path).stem)}"
     job = PromptJob(0, prompt, job_dir, stage_settings, prints, input=video, video=video)
-    _resume(job, specs)
     header = {
         "cascade": {"name": cascade.name, "file": cascade_file},
         "input": {"path": str(input_path), "from_stage": from_stage, "digest": digest},
     }
-    return _run([job], specs, settings, header, executor, progress)
+    with folder_lock(out, "upscale"):  # before reading what an earlier upscale left
+        _resume(job, specs)
+        return _run([job], specs, settings, header, executor, progress)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from configs import SynthConfig
 from configs.validate import validate_synth
 from stages.atomic import remove_leftovers, write_text
+from stages.folder_lock import folder_lock
 from stages.media import CRF, PRESET, X264_PARAMS, write_mp4, write_png
 
 # ---------------------------------------------------------------------------------------------------------
@@ -264,11 +265,11 @@ def run_synth(out: Path, cfg: SynthConfig, progress: bool = True) -> SynthSummar
     file is written.
     """
     validate_synth(cfg)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out must be a directory, but {out} is a file")
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "synth"):  # refuses a file, and a folder another job writes
+        return _write_items(Path(out), cfg, progress)
 
+
+def _write_items(out: Path, cfg: SynthConfig, progress: bool) -> SynthSummary:
     items = plan_items(cfg.count, cfg.size, cfg.seed, cfg.image_fraction, cfg.position_jitter, cfg.shape_size)
     _remove_stale(out, {str(item["file"]) for item in items})
 

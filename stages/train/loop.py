@@ -16,19 +16,21 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from configs import RunConfig, dump_config
 from models.text import T5TextEncoder
 from stages.artifacts import export_weights, step_dir
 from stages.atomic import remove_leftovers
+from stages.folder_lock import FolderInUse, folder_lock
 from stages.precision import torch_dtype
 from stages.train import checkpoint
 from stages.train.batches import draw_noise, encode_frozen, fit_batch, sr_pair
@@ -77,8 +79,8 @@ def train(
     """
     train_cfg = cfg.train
     run = TrainingRun(cfg, fault)
-    run.start(resume)
-    with run.stop_on_sigterm():
+    with run.holding_out_dir(), run.stop_on_sigterm():
+        run.start(resume)
         run.open_metrics(progress)
         try:
             while run.step < train_cfg.steps and not run.stop_requested:
@@ -92,7 +94,7 @@ def train(
                 run.save_on_preemption()
         finally:
             run.metrics.close()
-    return run.finish()
+        return run.finish()
 
 
 class TrainingRun:
@@ -174,6 +176,25 @@ class TrainingRun:
             resuming = f"\nresuming from {start} (step {self.step})" if start else ""
             print(format_training_plan(self.plan) + resuming, flush=True)
         self.batches = iter(self.loader)
+
+    @contextmanager
+    def holding_out_dir(self) -> Iterator[None]:
+        """While open, rank 0 holds train.out_dir's folder lock (`stages.folder_lock`); when another job
+        holds it, every rank raises FolderInUse before anything is written."""
+        with ExitStack() as stack:
+            refusal = ""
+            if self.rank == 0:
+                try:
+                    stack.enter_context(folder_lock(self.out, "train"))
+                except FolderInUse as err:
+                    refusal = str(err)
+            if self.world > 1:
+                verdicts = [refusal]
+                dist.broadcast_object_list(verdicts, src=0)
+                refusal = verdicts[0]
+            if refusal:
+                raise FolderInUse(f"train.out_dir: {refusal}")
+            yield
 
     @contextmanager
     def stop_on_sigterm(self) -> Iterator[None]:

@@ -13,7 +13,6 @@ import pytest
 from pipeline.graph import (
     GraphError,
     GraphStage,
-    RunLock,
     Selection,
     plan_graph,
     read_record,
@@ -232,13 +231,6 @@ def test_a_stage_larger_than_the_capacity_runs_alone(tmp_path):
     )
     assert statuses == {"huge": "done", "small": "done"}
     assert track.started == ["huge", "small"] and track.most == 1
-
-
-def test_run_directory_lock_refuses_a_second_run(tmp_path):
-    with RunLock(tmp_path):
-        toy = Toy(tmp_path)
-        with pytest.raises(GraphError, match="in use by pid"):
-            toy.run()
 
 
 def test_interrupted_run_shows_as_interrupted_and_resumes(tmp_path):
