@@ -179,21 +179,23 @@ class TrainingRun:
 
     @contextmanager
     def holding_out_dir(self) -> Iterator[None]:
-        """While open, rank 0 holds train.out_dir's folder lock (`stages.folder_lock`); when another job
-        holds it, every rank raises FolderInUse before anything is written."""
+        """While open, rank 0 holds train.out_dir's folder lock (`stages.folder_lock`). When another job
+        holds it (FolderInUse) or it is a file (ValueError), every rank raises that, before anything is
+        written."""
         with ExitStack() as stack:
-            refusal = ""
+            refusal: tuple[type[Exception], str] | None = None
             if self.rank == 0:
                 try:
                     stack.enter_context(folder_lock(self.out, "train"))
-                except FolderInUse as err:
-                    refusal = str(err)
+                except (FolderInUse, ValueError) as err:
+                    refusal = (type(err), str(err))
             if self.world > 1:
-                verdicts = [refusal]
-                dist.broadcast_object_list(verdicts, src=0)
-                refusal = verdicts[0]
-            if refusal:
-                raise FolderInUse(f"train.out_dir: {refusal}")
+                verdict = [refusal]
+                dist.broadcast_object_list(verdict, src=0)
+                refusal = verdict[0]
+            if refusal is not None:
+                kind, message = refusal
+                raise kind(f"train.out_dir: {message}")
             yield
 
     @contextmanager
