@@ -3,6 +3,8 @@ Ray upgrade that renames one fails here, by name, instead of silently changing w
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from pipeline import ray_cluster, ray_train
@@ -30,3 +32,11 @@ def test_placement_group_cleaner_logger_name_is_rays():
     from ray.train.v2._internal.execution.controller import placement_group_cleaner
 
     assert placement_group_cleaner.logger.name == ray_cluster.PLACEMENT_GROUP_CLEANER_LOGGER
+
+
+def test_loopback_switch_is_the_variable_and_constant_ray_reads():
+    from ray._private import ray_constants, services
+
+    assert ray_cluster.LOOPBACK_ONLY == ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    assert isinstance(ray_constants.ENABLE_RAY_CLUSTER, bool)
+    assert "ray_constants.ENABLE_RAY_CLUSTER" in inspect.getsource(services.get_node_ip_address)
