@@ -19,9 +19,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from configs.loader import ConfigError, check_layer, merge_with_preset, override_layer, read_yaml
+from configs.loader import ConfigError, check_layer, merge_with_preset, read_yaml
 from configs.schema import CascadeConfig, CascadeStageConfig, ModelConfig
-from configs.validate import check_choices, check_finite, check_positive, check_unit_interval, validate_model
+from configs.validate import check_choices, check_positive, check_unit_interval, validate_model
 
 # ---------------------------------------------------------------------------------------- loading
 
@@ -59,7 +59,9 @@ def load_cascade(path: str | Path, overrides: Sequence[str] = ()) -> CascadeConf
         stage_layers.append([stage])
 
     for item in overrides:
-        layer = override_layer(item, "stages.1.steps=32")
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. stages.1.steps=32")
+        layer = OmegaConf.from_dotlist([item])
         per_stage = layer.pop("stages") if "stages" in layer else DictConfig({})
         if not isinstance(per_stage, DictConfig):
             raise ConfigError(
@@ -174,7 +176,6 @@ def validate_cascade(c: CascadeConfig) -> None:
     and width by the same whole s >= 2 (frames and fps kept). ValueError naming the stage(s) otherwise."""
     if not c.stages:
         raise ValueError("stages: a cascade needs at least one stage (the base)")
-    check_finite(c)
     seen: dict[str, int] = {}
     for i, stage in enumerate(c.stages):
         _validate_stage(i, stage)

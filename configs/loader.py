@@ -88,18 +88,6 @@ def read_yaml(path: Path) -> DictConfig:
     return OmegaConf.create(raw)
 
 
-def override_layer(item: str, example: str) -> DictConfig:
-    """The one-key layer of a dotted `key=value` override; ConfigError naming it (with `example`, a
-    well-formed override) when it has no `=` or its value is not YAML."""
-    if "=" not in item:
-        raise ConfigError(f"override '{item}': expected key=value, e.g. {example}")
-    try:
-        return OmegaConf.from_dotlist([item])
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"override '{item}': the value is not valid YAML ({problem})") from None
-
-
 def merge_with_preset(base: DictConfig, layers: Sequence[DictConfig], key_prefix: str = "") -> DictConfig:
     """`layers` (already checked) merged onto `base`; a model `preset` named in any of them fills
     width/depth/heads beneath the explicit values.
@@ -137,7 +125,9 @@ def load_config(
         check_layer(base, layer, str(path), schema)
         layers.append(layer)
     for item in overrides:
-        layer = override_layer(item, "model.depth=12")
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. model.depth=12")
+        layer = OmegaConf.from_dotlist([item])
         check_layer(base, layer, f"override '{item}'", schema)
         layers.append(layer)
 

@@ -5,7 +5,6 @@ Each failure raises ValueError naming the dotted field, the value and what was e
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -42,28 +41,6 @@ def check_choices(section: Any, prefix: str = "") -> None:
     `{prefix}.{field}` (`{field}` for a top-level config)."""
     for name, hint in choice_fields(type(section)).items():
         check_choice(f"{prefix}.{name}" if prefix else name, getattr(section, name), hint)
-
-
-def check_finite(section: Any, prefix: str = "") -> None:
-    """Every float of the dataclass `section`, in nested sections and in their lists and dicts too, is
-    finite: NaN and infinity pass every comparison-based check, so they are refused here, once, for
-    every config. The error names `{prefix}{field}` (list items as `field[i]`, dict entries as
-    `field.key`)."""
-    for f in dataclasses.fields(section):
-        _check_finite_value(f"{prefix}{f.name}", getattr(section, f.name))
-
-
-def _check_finite_value(name: str, value: object) -> None:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        check_finite(value, f"{name}.")
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _check_finite_value(f"{name}[{i}]", item)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_finite_value(f"{name}.{key}", item)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{name}: got {value}, expected a finite number")
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -205,7 +182,7 @@ def _validate_preprocess(p: PreprocessConfig, m: ModelConfig) -> None:
 
 
 def _validate_train(t: TrainConfig) -> None:
-    check_positive("train.steps", t.steps)
+    check_positive("train.steps", t.steps, allow_zero=True)
     check_positive("train.lr", t.lr)
     check_positive("train.max_bad_steps", t.max_bad_steps)
     check_positive("train.preview_every", t.preview_every, allow_zero=True)
@@ -229,7 +206,6 @@ def _validate_parallel(p: ParallelConfig) -> None:
 
 def validate_render(r: RenderConfig) -> None:
     """Render settings: batch size and precision (checked by `stages.render` before any work)."""
-    check_finite(r, "render.")
     if r.batch_size < 1:
         raise ValueError(f"render.batch_size: got {r.batch_size}, expected >= 1")
     check_choices(r, "render")
@@ -253,7 +229,6 @@ def validate_synth(s: SynthConfig, prefix: str = "") -> None:
     """The synthetic dataset's settings, for `stages.synth.run_synth` and a pipeline's `synth` section
     (`prefix` "synth."). Values built in code are type-checked too. ValueError naming the field (after
     `prefix`), the value and what was expected."""
-    check_finite(s, prefix)
     _check_integer(f"{prefix}count", s.count, 1)
     _check_integer(f"{prefix}frames", s.frames, 2)
     _check_integer(f"{prefix}size", s.size, 16)
@@ -296,8 +271,6 @@ def _validate_pipeline(p: PipelineConfig) -> None:
 def validate(cfg: Any) -> None:
     """Check a RunConfig (every section and the rules between them), a ModelConfig, a TextConfig, a
     PipelineConfig or a SynthConfig."""
-    if dataclasses.is_dataclass(cfg):
-        check_finite(cfg)
     if isinstance(cfg, ModelConfig):
         validate_model(cfg)
         return

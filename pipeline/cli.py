@@ -393,6 +393,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, GraphError, FolderInUse) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # what finished is committed; rerunning the same command resumes
-        print(f"interrupted: {args.command} stopped by Ctrl-C; rerun it to resume", file=sys.stderr)
-        return 130

@@ -111,24 +111,6 @@ def test_every_rank_of_a_two_process_training_refuses_an_out_dir_in_use(shards, 
     assert [p.name for p in out.iterdir()] == [LOCK_NAME]
 
 
-def test_an_out_that_is_a_file_is_refused_by_every_job(tmp_path, capsys):
-    run_synth(tmp_path / "in", SynthConfig(count=2, frames=4, size=16, fps=8.0), progress=False)
-    cascade = build_cascade(tmp_path / "cascade", VIDEO_STAGES)
-    target = tmp_path / "notes.txt"
-    target.write_text("mine")
-    commands = {
-        "preprocess": ["preprocess", str(tmp_path / "in"), "--out", str(target), *GEOMETRY, "--local"],
-        "synth": ["synth", "--out", str(target), "--count", "2", "--size", "32"],
-        "render": ["render", "--cascade", str(cascade), "--prompt", "a cat", "--out", str(target), "--local"],
-        "run": ["run", str(ROOT / "configs" / "pipeline" / "demo.yaml"), "--out", str(target)],
-    }
-    for name, args in commands.items():
-        assert main([*args, "--quiet"]) == 2, name
-        err = capsys.readouterr().err.strip()
-        assert err == f"error: {target} is a file; expected a folder to write into", (name, err)
-    assert target.read_text() == "mine"
-
-
 def test_training_refuses_an_out_dir_that_is_a_file(shards, tmp_path):
     from configs import load_config
     from stages.train import train
