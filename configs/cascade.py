@@ -19,9 +19,15 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from configs.loader import ConfigError, check_layer, merge_with_preset, read_yaml
+from configs.loader import ConfigError, check_layer, merge_with_preset, parse_override, read_yaml
 from configs.schema import CascadeConfig, CascadeStageConfig, ModelConfig
-from configs.validate import check_choices, check_positive, check_unit_interval, validate_model
+from configs.validate import (
+    check_choices,
+    check_finite,
+    check_positive,
+    check_unit_interval,
+    validate_model,
+)
 
 # ---------------------------------------------------------------------------------------- loading
 
@@ -59,9 +65,7 @@ def load_cascade(path: str | Path, overrides: Sequence[str] = ()) -> CascadeConf
         stage_layers.append([stage])
 
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}': expected key=value, e.g. stages.1.steps=32")
-        layer = OmegaConf.from_dotlist([item])
+        layer = parse_override(item, "stages.1.steps=32")
         per_stage = layer.pop("stages") if "stages" in layer else DictConfig({})
         if not isinstance(per_stage, DictConfig):
             raise ConfigError(
@@ -173,7 +177,9 @@ def _validate_link(i: int, prev: CascadeStageConfig, cur: CascadeStageConfig) ->
 def validate_cascade(c: CascadeConfig) -> None:
     """Each stage's fields and model, unique names, a base first and only first, and the shape chain:
     tsr ×k multiplies frames and fps by a whole k >= 2 (height and width kept); ssr ×s multiplies height
-    and width by the same whole s >= 2 (frames and fps kept). ValueError naming the stage(s) otherwise."""
+    and width by the same whole s >= 2 (frames and fps kept); no non-finite float anywhere. ValueError
+    naming the stage(s) otherwise."""
+    check_finite(c)
     if not c.stages:
         raise ValueError("stages: a cascade needs at least one stage (the base)")
     seen: dict[str, int] = {}

@@ -1,8 +1,9 @@
 """Strict loading of run configs: YAML overlays and dotted overrides merged onto the typed defaults.
 
 Merging is OmegaConf's (structured configs: unknown keys and wrong types are refused); this module only
-adds which file a bad key came from, the closest valid key, size presets, value validation, a YAML dump
-that loads back identically, and a stable fingerprint.
+adds which file a bad key came from, the closest valid key, one-line errors for files and override
+values YAML cannot read, size presets, value validation, a YAML dump that loads back identically, and a
+stable fingerprint.
 """
 
 from __future__ import annotations
@@ -75,17 +76,60 @@ def check_layer(base: DictConfig, layer: DictConfig, source: str, schema: type, 
         raise ConfigError(f"{source}: invalid value for '{key_prefix}{err.full_key}': {first}") from None
 
 
-def read_yaml(path: Path) -> DictConfig:
-    """A YAML file's top-level mapping as a DictConfig; ConfigError naming the file otherwise."""
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What YAML could not read, on one line: the problem and the construct it was in."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        return f"{err.problem} ({err.context})" if err.context else err.problem
+    return str(err).splitlines()[0]
+
+
+def _yaml_position(err: yaml.YAMLError) -> str:
+    """ " at line L, column C" (1-based) where YAML found the problem, or "" when it does not say."""
+    mark = getattr(err, "problem_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; ConfigError naming it when it is a folder, missing, unreadable or not UTF-8."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; expected a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
+
+
+def read_yaml(path: Path) -> DictConfig:
+    """A YAML file's top-level mapping as a DictConfig (an empty file is an empty one); a one-line
+    ConfigError naming the file otherwise (with the line and column of a YAML syntax error)."""
+    text = _read_text(path)
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML{_yaml_position(err)}: {_yaml_problem(err)}") from None
+    if raw is None:  # nothing but comments
+        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
     return OmegaConf.create(raw)
+
+
+def parse_override(item: str, example: str) -> DictConfig:
+    """The dotted `key=value` override `item` as a nested layer; a one-line ConfigError naming it when it
+    has no `=` (`example` shows the form) or YAML cannot read its value."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value, e.g. {example}")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as err:
+        value = item.split("=", 1)[1]
+        raise ConfigError(
+            f"override '{item}': value {value!r} is not valid YAML: {_yaml_problem(err)}"
+        ) from None
 
 
 def merge_with_preset(base: DictConfig, layers: Sequence[DictConfig], key_prefix: str = "") -> DictConfig:
@@ -125,9 +169,7 @@ def load_config(
         check_layer(base, layer, str(path), schema)
         layers.append(layer)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}': expected key=value, e.g. model.depth=12")
-        layer = OmegaConf.from_dotlist([item])
+        layer = parse_override(item, "model.depth=12")
         check_layer(base, layer, f"override '{item}'", schema)
         layers.append(layer)
 

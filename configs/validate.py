@@ -1,10 +1,13 @@
 """Value checks run at load time, so a bad config fails before any work starts.
 
-Each failure raises ValueError naming the dotted field, the value and what was expected.
+Each failure raises ValueError naming the dotted field, the value and what was expected. `validate`
+(and `configs.validate_cascade`) first refuse any non-finite float (nan, inf, -inf) in every field,
+nested sections included, so the range checks below only ever see finite numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -41,6 +44,27 @@ def check_choices(section: Any, prefix: str = "") -> None:
     `{prefix}.{field}` (`{field}` for a top-level config)."""
     for name, hint in choice_fields(type(section)).items():
         check_choice(f"{prefix}.{name}" if prefix else name, getattr(section, name), hint)
+
+
+def check_finite(section: Any, prefix: str = "") -> None:
+    """Every float in the dataclass `section` is finite, through nested sections and the lists and dicts
+    holding them; the error names `{prefix}.{field}` (`{field}` for a top-level config), `[i]` for a
+    list element and `.{key}` for a dict entry."""
+    for f in dataclasses.fields(section):
+        _check_finite_value(f"{prefix}.{f.name}" if prefix else f.name, getattr(section, f.name))
+
+
+def _check_finite_value(name: str, value: object) -> None:
+    if dataclasses.is_dataclass(value):
+        check_finite(value, name)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite_value(f"{name}[{i}]", item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite_value(f"{name}.{key}", item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -166,7 +190,14 @@ def _validate_preprocess(p: PreprocessConfig, m: ModelConfig) -> None:
     check_choices(p, "preprocess")
     for name in ("stride", "max_clips_per_video", "scene_cut_threshold"):
         check_positive(f"preprocess.{name}", getattr(p, name), allow_zero=True)
-    for name in ("min_source_side", "files_per_shard", "decode_timeout_s", "recycle_after", "workers"):
+    for name in (
+        "min_source_side",
+        "files_per_shard",
+        "decode_timeout_s",
+        "recycle_after",
+        "workers",
+        "decode_threads",
+    ):
         check_positive(f"preprocess.{name}", getattr(p, name))
     if not p.split or not p.split.replace("_", "").isalnum():
         raise ValueError(f"preprocess.split: got '{p.split}', expected letters, digits or _")
@@ -182,7 +213,8 @@ def _validate_preprocess(p: PreprocessConfig, m: ModelConfig) -> None:
 
 
 def _validate_train(t: TrainConfig) -> None:
-    check_positive("train.steps", t.steps, allow_zero=True)
+    check_positive("train.steps", t.steps)
+    check_positive("train.seed", t.seed, allow_zero=True)
     check_positive("train.lr", t.lr)
     check_positive("train.max_bad_steps", t.max_bad_steps)
     check_positive("train.preview_every", t.preview_every, allow_zero=True)
@@ -205,9 +237,10 @@ def _validate_parallel(p: ParallelConfig) -> None:
 
 
 def validate_render(r: RenderConfig) -> None:
-    """Render settings: batch size and precision (checked by `stages.render` before any work)."""
+    """Render settings: batch size, seed and precision (checked by `stages.render` before any work)."""
     if r.batch_size < 1:
         raise ValueError(f"render.batch_size: got {r.batch_size}, expected >= 1")
+    check_positive("render.seed", r.seed, allow_zero=True)
     check_choices(r, "render")
 
 
@@ -270,21 +303,24 @@ def _validate_pipeline(p: PipelineConfig) -> None:
 
 def validate(cfg: Any) -> None:
     """Check a RunConfig (every section and the rules between them), a ModelConfig, a TextConfig, a
-    PipelineConfig or a SynthConfig."""
+    PipelineConfig or a SynthConfig; non-finite floats first, in any of them."""
     if isinstance(cfg, ModelConfig):
+        check_finite(cfg, "model")
         validate_model(cfg)
         return
     if isinstance(cfg, TextConfig):
+        check_finite(cfg, "text")
         _validate_text(cfg)
         return
+    if not isinstance(cfg, (RunConfig, PipelineConfig, SynthConfig)):
+        raise TypeError(f"cannot validate {type(cfg).__name__}")
+    check_finite(cfg)
     if isinstance(cfg, PipelineConfig):
         _validate_pipeline(cfg)
         return
     if isinstance(cfg, SynthConfig):
         validate_synth(cfg)
         return
-    if not isinstance(cfg, RunConfig):
-        raise TypeError(f"cannot validate {type(cfg).__name__}")
     validate_model(cfg.model)
     _validate_text(cfg.text)
     _validate_diffusion(cfg.diffusion)

@@ -1,6 +1,10 @@
 """Command line: `python -m pipeline COMMAND ...`.
 
 Configs are given as YAML paths followed by dotted overrides (`model.depth=12`), in order.
+
+Bad input (a config error, a missing file, a bad value, an output folder that is a file, a broken stage
+graph) is one line on stderr and exit status 2; Ctrl-C is "interrupted" and exit status 130. Neither
+prints a traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +30,27 @@ from configs import (
 from configs.schema import RenderPrecision
 from pipeline.graph import GraphError
 from stages.folder_lock import FolderInUse, folder_lock
+
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
+
+
+def _interrupted() -> int:
+    """Report Ctrl-C on one line; the exit status to return."""
+    print("interrupted", file=sys.stderr)
+    return INTERRUPTED
+
+
+def _check_output_folder(path: str | Path, name: str) -> None:
+    """Check, before a command writes anything, that its output folder `path` can be made: neither it nor
+    a folder above it is an existing file. ValueError naming `name` (the option or config field giving
+    the path) and the file otherwise."""
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise ValueError(f"{name}: {existing} is a file; expected a folder")
+            return
 
 
 def _load(items: Sequence[str]) -> RunConfig:
@@ -84,6 +109,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         for kind, count in count_by_kind(items).items():
             print(f"# {kind}: {count}")
         return 0
+    _check_output_folder(cfg.preprocess.out, "preprocess.out")
     if args.local:
         executor = local_shard_executor
     else:
@@ -100,15 +126,17 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from stages.synth import run_synth
 
     cfg = SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
+    _check_output_folder(args.out, "--out")
     summary = run_synth(Path(args.out), cfg, progress=not args.quiet)
     print(f"wrote {summary.videos} videos and {summary.images} images with captions to {summary.out}")
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    _check_output_folder(cfg.train.out_dir, "train.out_dir")
     from stages.train import NonFiniteError
 
-    cfg = _load(args.config)
     try:
         if args.ray:
             from pipeline.ray_train import ray_train
@@ -128,6 +156,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:  # caught here so that a rank still leaves its process group below
+        code = _interrupted()
     else:
         code = 0
         if getattr(result, "preempted", False):
@@ -175,6 +205,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         raise ValueError("render needs --out DIR (or --plan to only print the plan)")
     if bool(args.prompts) == bool(args.prompt):
         raise ValueError("render needs either --prompts FILE or --prompt TEXT (repeatable), not both")
+    _check_output_folder(args.out, "--out")
     from stages.render import Prompt, read_prompts_file, render
 
     prompts = read_prompts_file(args.prompts) if args.prompts else [Prompt(text) for text in args.prompt]
@@ -195,6 +226,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     from stages.render import upscale
 
     cascade = load_cascade(args.cascade, args.overrides)
+    _check_output_folder(args.out, "--out")
     summary = upscale(
         cascade,
         args.input,
@@ -219,7 +251,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     paths, overrides = split_items(args.config)
     if args.out:
         overrides.append(f"out_dir={args.out}")
-    job = PipelineJob(load_pipeline(paths, overrides), address=args.address, progress=not args.quiet)
+    cfg = load_pipeline(paths, overrides)
+    _check_output_folder(cfg.out_dir, "out_dir")
+    job = PipelineJob(cfg, address=args.address, progress=not args.quiet)
     stages = job.stages()
     selection = Selection(only=tuple(args.only), from_=args.from_ or "", force=tuple(args.force))
     if args.plan:  # reads the run directory, writes nothing
@@ -387,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setattr(args, target, getattr(args, target) + extra)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        return _interrupted()
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
