@@ -16,9 +16,14 @@ served, which is all `ShardLoader.state_dict` needs. Resuming replays only the c
 sub-stream, reading the JSON members to rebuild buckets but decoding no patch arrays, and rotates the
 worker ids so torch's round-robin continues with the worker that was next.
 
+Shard sources (docs/SHARDS.md): a directory, a brace pattern or a list of URLs — local paths,
+`file://`, `http(s)://` (read by `stages.shards.remote`, which resumes torn responses with `Range`
+requests under `RemoteSettings`), `pipe:COMMAND` (e.g. `pipe:aws s3 cp s3://bucket/shard.tar -`) and
+webdataset's other schemes, each after webdataset's GOPEN_REWRITE prefix rewriting.
+
 Safety: webdataset's automatic decoding is never used (its default handlers unpickle), samples are
 decoded by `decode_sample` (no pickle, header-checked `.npy`), and `pipe:` URLs — which run a shell —
-are refused unless `allow_pipe=True`.
+are refused unless `allow_pipe=True`, also where GOPEN_REWRITE produces them.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ STATE_FORMAT = 1
 def resolve_shards(source: str | os.PathLike | Sequence[str], allow_pipe: bool = False) -> list[str]:
     """Shard URLs from a directory (DIR/shards/*.tar, else DIR/*.tar, sorted), a brace pattern or a list.
 
-    Local shards must exist; a `pipe:` URL (also one produced by webdataset's GOPEN_REWRITE) raises
+    Each URL is checked after webdataset's GOPEN_REWRITE: local shards must exist, the scheme must be
+    http(s), pipe or one webdataset opens, and a `pipe:` URL (also one produced by the rewrite) raises
     ValueError unless `allow_pipe` is True.
     """
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():

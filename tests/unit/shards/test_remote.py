@@ -215,3 +215,18 @@ def test_http_resume_yields_the_batches_of_an_uninterrupted_local_run(dataset, s
     keys = [(b.position["worker"], b.position["batches"]) for b in head + tail]
     assert len(keys) == len(set(keys))  # no batch twice
     assert max(b.position["video"][0] for b in reference) >= 1
+
+
+def test_data_shards_takes_a_brace_pattern_of_http_urls(dataset, serve):
+    from configs import load_config
+    from stages.shards.loader import loader_from_config
+
+    root, _ = dataset
+    server = serve()
+
+    def eval_pass(shards: str) -> list:
+        cfg = load_config(overrides=[f"data.shards={shards}", "data.image_fraction=0.5"])
+        return list(loader_from_config(cfg, rank=0, world_size=1, train=False))
+
+    _assert_same_batches(eval_pass(server.url("train-{000000..000007}.tar")), eval_pass(str(root)))
+    assert len(server.requests) == 8
