@@ -230,3 +230,9 @@ def test_data_shards_takes_a_brace_pattern_of_http_urls(dataset, serve):
 
     _assert_same_batches(eval_pass(server.url("train-{000000..000007}.tar")), eval_pass(str(root)))
     assert len(server.requests) == 8
+
+
+def test_remote_settings_out_of_range_are_refused():
+    for bad in (dict(retries=-1), dict(backoff_s=-0.5), dict(timeout_s=0.0)):
+        with pytest.raises(ValueError, match=r"need retries >= 0, backoff_s >= 0 and timeout_s > 0"):
+            RemoteSettings(**bad)
