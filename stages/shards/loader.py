@@ -252,7 +252,8 @@ class ShardStream(IterableDataset):
 
     Set `start` (positions per logical worker) and `offset` (physical worker p runs logical worker
     (p + offset) % W) before iterating; `ShardLoader` does this for you. `remote` says how `http(s)://`
-    shards are read; it is not part of the loader state (it does not change the batches).
+    shards are read (None: `RemoteSettings()`); it is not part of the loader state (it does not change
+    the batches).
     """
 
     def __init__(
