@@ -16,9 +16,14 @@ served, which is all `ShardLoader.state_dict` needs. Resuming replays only the c
 sub-stream, reading the JSON members to rebuild buckets but decoding no patch arrays, and rotates the
 worker ids so torch's round-robin continues with the worker that was next.
 
+Shard sources (docs/SHARDS.md): a directory, a brace pattern or a list of URLs — local paths,
+`file://`, `http(s)://` (read by `stages.shards.remote`, which resumes torn responses with `Range`
+requests under `RemoteSettings`), `pipe:COMMAND` (e.g. `pipe:aws s3 cp s3://bucket/shard.tar -`) and
+webdataset's other schemes, each after webdataset's GOPEN_REWRITE prefix rewriting.
+
 Safety: webdataset's automatic decoding is never used (its default handlers unpickle), samples are
 decoded by `decode_sample` (no pickle, header-checked `.npy`), and `pipe:` URLs — which run a shell —
-are refused unless `allow_pipe=True`.
+are refused unless `allow_pipe=True`, also where GOPEN_REWRITE produces them.
 """
 
 from __future__ import annotations
@@ -38,15 +43,18 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen_schemes, rewrite_url
 
 from configs.schema import RunConfig
 from stages.shards.format import decode_meta, decode_sample, iter_tar_samples
+from stages.shards.remote import RemoteSettings, open_http
 
 STREAMS = ("video", "images")
 """Sub-stream names; "images" carries samples of kind "image", packed into video-shaped items."""
 _STREAM_KIND = {"video": "video", "images": "image"}
 _STREAM_ID = {"video": 0, "images": 1}
 _MIX_ID = 2  # seeds the per-batch choice of kind, apart from the two shuffle streams
+_HTTP = ("http", "https")  # read by stages.shards.remote (resuming), not by webdataset's curl pipe
 STATE_FORMAT = 1
 
 # --------------------------------------------------------------------------------------------------
@@ -57,7 +65,8 @@ STATE_FORMAT = 1
 def resolve_shards(source: str | os.PathLike | Sequence[str], allow_pipe: bool = False) -> list[str]:
     """Shard URLs from a directory (DIR/shards/*.tar, else DIR/*.tar, sorted), a brace pattern or a list.
 
-    Local shards must exist; a `pipe:` URL (also one produced by webdataset's GOPEN_REWRITE) raises
+    Each URL is checked after webdataset's GOPEN_REWRITE: local shards must exist, the scheme must be
+    http(s), pipe or one webdataset opens, and a `pipe:` URL (also one produced by the rewrite) raises
     ValueError unless `allow_pipe` is True.
     """
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
@@ -77,34 +86,46 @@ def resolve_shards(source: str | os.PathLike | Sequence[str], allow_pipe: bool =
 
 
 def _check_url(url: str, allow_pipe: bool) -> None:
-    effective = wds.gopen.rewrite_url(url) if "GOPEN_REWRITE" in os.environ else url
+    effective = rewrite_url(url)
+    shown = url if effective == url else f"{url} (rewritten to {effective})"
     if not allow_pipe and (url.startswith("pipe:") or effective.startswith("pipe:")):
         raise ValueError(
-            f"shard URL {url!r} runs a shell command (pipe:); pass allow_pipe=True only for trusted configs"
+            f"shard URL {shown!r} runs a shell command (pipe:); pass allow_pipe=True only for trusted configs"
         )
-    if url == "-":
-        raise ValueError("shard URL '-' (stdin) is not supported")
-    scheme = urlparse(url).scheme
+    if effective == "-":
+        raise ValueError(f"shard URL {shown!r} (stdin) is not supported")
+    scheme = urlparse(effective).scheme
     if scheme in ("", "file"):
-        path = url2pathname(urlparse(url).path) if scheme == "file" else url
-        if not Path(path).is_file():
-            raise ValueError(f"shard {url}: no such file")
+        if not Path(_local_path(effective)).is_file():
+            raise ValueError(f"shard {shown}: no such file")
+    elif scheme not in _HTTP and scheme not in gopen_schemes:
+        raise ValueError(
+            f"shard URL {shown!r}: unsupported scheme {scheme!r}; use a local path, http(s)://, or "
+            "pipe:COMMAND (e.g. 'pipe:aws s3 cp s3://bucket/shard.tar -', with allow_pipe=True)"
+        )
 
 
-def _open_url(url: str, allow_pipe: bool) -> IO[bytes]:
-    scheme = urlparse(url).scheme
-    if scheme == "":
-        return open(url, "rb")
-    if scheme == "file":
-        return open(url2pathname(urlparse(url).path), "rb")
+def _local_path(url: str) -> str:
+    return url2pathname(urlparse(url).path) if urlparse(url).scheme == "file" else url
+
+
+def _open_url(url: str, allow_pipe: bool, remote: RemoteSettings) -> IO[bytes]:
     _check_url(url, allow_pipe)  # the environment could have changed since construction
-    return wds.gopen.gopen(url, "rb")
+    effective = rewrite_url(url)
+    scheme = urlparse(effective).scheme
+    if scheme in ("", "file"):
+        return open(_local_path(effective), "rb")
+    if scheme in _HTTP:
+        return open_http(effective, remote)
+    return gopen_schemes[scheme](effective, "rb")  # pipe:, gs://, ais://, ... (webdataset's openers)
 
 
-def _expand_shards(src: Iterable[dict[str, Any]], allow_pipe: bool) -> Iterator[dict[str, Any]]:
+def _expand_shards(
+    src: Iterable[dict[str, Any]], allow_pipe: bool, remote: RemoteSettings
+) -> Iterator[dict[str, Any]]:
     """webdataset stage: {url} → raw samples {__key__, __url__, suffix: bytes}, strictly grouped."""
     for shard in src:
-        with contextlib.closing(_open_url(shard["url"], allow_pipe)) as stream:
+        with contextlib.closing(_open_url(shard["url"], allow_pipe, remote)) as stream:
             yield from iter_tar_samples(stream, shard["url"])
 
 
@@ -230,10 +251,14 @@ class ShardStream(IterableDataset):
     """IterableDataset of ready batches for one rank; each DataLoader worker streams its own shards.
 
     Set `start` (positions per logical worker) and `offset` (physical worker p runs logical worker
-    (p + offset) % W) before iterating; `ShardLoader` does this for you.
+    (p + offset) % W) before iterating; `ShardLoader` does this for you. `remote` says how `http(s)://`
+    shards are read (None: `RemoteSettings()`); it is not part of the loader state (it does not change
+    the batches).
     """
 
-    def __init__(self, urls: list[str], settings: StreamSettings) -> None:
+    def __init__(
+        self, urls: list[str], settings: StreamSettings, remote: RemoteSettings | None = None
+    ) -> None:
         super().__init__()
         s = settings
         workers = max(1, s.num_workers)
@@ -251,6 +276,7 @@ class ShardStream(IterableDataset):
                 f"workers = {s.world_size * workers} streams; write more shards or use fewer workers"
             )
         self.urls, self.settings, self.workers = list(urls), settings, workers
+        self.remote = remote or RemoteSettings()
         self.streams = self._active_streams()
         if s.max_pending < s.batch_size:
             raise ValueError(f"max_pending {s.max_pending} is below one full batch ({s.batch_size})")
@@ -325,7 +351,7 @@ class ShardStream(IterableDataset):
         return iter(
             wds.DataPipeline(
                 wds.SimpleShardList(urls),
-                lambda src: _expand_shards(src, self.settings.allow_pipe),
+                lambda src: _expand_shards(src, self.settings.allow_pipe, self.remote),
                 wds.map(_to_record),
                 wds.select(lambda r: r.meta["kind"] == kind),
             )
@@ -578,6 +604,7 @@ def make_loader(
     images_per_item: int = 8,
     max_pending: int | None = None,
     allow_pipe: bool = False,
+    remote: RemoteSettings | None = None,
     prefetch_factor: int = 2,
     pin_memory: bool = False,
     multiprocessing_context: str | None = None,
@@ -590,7 +617,8 @@ def make_loader(
     a packed-image batch (`images_per_item` images of one size per item). `shuffle_buffer` samples are
     held per worker and kind; shape buckets hold at most `max_pending` samples per kind (default
     4 × batch_size; a packed item of images counts as one) before the largest bucket is emitted as a
-    smaller batch.
+    smaller batch. `remote` (default `RemoteSettings()`) sets the timeout and retries of `http(s)://`
+    shards.
     """
     urls = resolve_shards(shard_dir_or_urls, allow_pipe)
     settings = StreamSettings(
@@ -606,7 +634,8 @@ def make_loader(
         max_pending=max_pending if max_pending is not None else 4 * batch_size,
         allow_pipe=allow_pipe,
     )
-    return ShardLoader(ShardStream(urls, settings), prefetch_factor, pin_memory, multiprocessing_context)
+    stream = ShardStream(urls, settings, remote)
+    return ShardLoader(stream, prefetch_factor, pin_memory, multiprocessing_context)
 
 
 def loader_from_config(cfg: RunConfig, rank: int, world_size: int, train: bool = True) -> ShardLoader:
