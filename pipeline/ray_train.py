@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -57,11 +58,17 @@ class RayTrainResult:
     """Ray Train's folder for this run (its state and the attempt marker)."""
 
 
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+"""A shard source that is a URL (`http://…`, `pipe:…`), not a path."""
+
+
 def _absolute(cfg: RunConfig) -> RunConfig:
     """`cfg` with its input/output paths absolute, as workers do not share the driver's directory."""
 
     def resolve(path: str) -> str:
-        return str(Path(path).expanduser().resolve()) if path else path
+        if not path or URL_SCHEME.match(path):  # http://, pipe:, gs://…: the same on every node
+            return path
+        return str(Path(path).expanduser().resolve())
 
     return dataclasses.replace(
         cfg,

@@ -86,3 +86,14 @@ def test_the_render_section_reaches_the_render_stage_and_only_non_defaults_enter
     assert job.render == dataclasses.replace(job.cfg.render, out_dir=str(Path(job.cfg.out_dir) / "renders"))
     if not extra:  # the demo's settings (render.batch_size 6) and placement do not change what is rendered
         assert fingerprint(settings) == expected["render"]
+
+
+def test_ray_train_makes_paths_absolute_and_leaves_shard_urls_alone(tmp_path, monkeypatch):
+    from configs import load_config
+    from pipeline.ray_train import _absolute
+
+    monkeypatch.chdir(tmp_path)
+    for url in ("http://127.0.0.1:8000/train-{000000..000003}.tar", "pipe:cat /data/train-000000.tar"):
+        cfg = _absolute(load_config(overrides=[f"data.shards={url}", "train.out_dir=runs/x"]))
+        assert cfg.data.shards == url and cfg.train.out_dir == str(tmp_path / "runs" / "x")
+    assert _absolute(load_config(overrides=["data.shards=shards"])).data.shards == str(tmp_path / "shards")
