@@ -3,11 +3,12 @@
 An INPUT is a folder (searched recursively, symlinked folders followed), a glob (`*`, `?`, `[...]` match
 within one name, `**` any number of folders; names starting with '.' only match a pattern that does), a
 CSV or JSONL manifest (`stages.preprocess.manifests`), a webdataset tar of raw videos in video2dataset's
-layout (`stages.preprocess.tar_inputs`), or a single media file; a file's caption is its `.txt`, else
-`.json`, sidecar. Every input found becomes one `InputItem`; one already known to be bad - a missing
-file, an unreadable caption, a folder that cannot be read or that leads back to one of its own parents
-(a symlink loop), a manifest line that does not fit, a tar member that is not read - carries an `error`
-so it is accounted as failed, never silently dropped. Inputs holding no video or image at all are refused.
+layout (`stages.preprocess.tar_inputs`; a glob's `.tar` matches are read as such), or a single media
+file; a file's caption is its `.txt`, else `.json`, sidecar. Every input found becomes one `InputItem`;
+one already known to be bad - a missing file, an unreadable caption, a folder that cannot be read or
+that leads back to one of its own parents (a symlink loop), a manifest line that does not fit, a tar
+member that is not read - carries an `error` so it is accounted as failed, never silently dropped.
+Inputs holding no video or image at all are refused.
 """
 
 from __future__ import annotations
@@ -139,19 +140,24 @@ def is_input(spec: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def _items(found: Iterator[Found]) -> list[InputItem]:
-    """Failure items as they are, and an item for each media file (other files are not inputs)."""
-    return [
-        f if isinstance(f, InputItem) else file_item(f)
-        for f in found
-        if not isinstance(f, Path) or media_kind(f.name)
-    ]
+def _items(found: Iterator[Found], read_tars: bool = False) -> list[InputItem]:
+    """Failure items as they are, an item for each media file and, with `read_tars`, the items of each
+    `.tar`; other files are not inputs."""
+    items: list[InputItem] = []
+    for f in found:
+        if isinstance(f, InputItem):
+            items.append(f)
+        elif media_kind(f.name):
+            items.append(file_item(f))
+        elif read_tars and f.suffix.lower() == ".tar" and f.is_file():
+            items.extend(from_tar(f))
+    return items
 
 
 def _expand(spec: str) -> list[InputItem]:
     path = Path(spec)
     if is_glob(spec):
-        return _items(_glob(spec))
+        return _items(_glob(spec), read_tars=True)
     if path.is_dir():
         return _items(_search(spec))
     if not path.exists():

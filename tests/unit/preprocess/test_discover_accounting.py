@@ -29,6 +29,7 @@ def _touch(path: Path, data: bytes = b"x") -> Path:
 
 
 def _tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
         for member in members:
             if isinstance(member, tarfile.TarInfo):
@@ -298,3 +299,13 @@ def test_zero_inputs_is_refused_in_one_line_also_on_dry_run(tmp_path, capsys):
         assert rc == 2
         assert err.count("\n") == 1 and err.startswith("error: no videos or images found in INPUTS")
         assert str(tmp_path / "empty") in err
+
+
+def test_a_glob_of_raw_video_tars_reads_the_tars(tmp_path):
+    _tar(tmp_path / "raw" / "00000.tar", [("000.mp4", b"v"), ("000.txt", b"first")])
+    _tar(tmp_path / "raw" / "00001.tar", [("000.mp4", b"v")])
+    items = discover([str(tmp_path / "raw" / "*.tar")])  # as in the README: "/data/raw/*.tar"
+    assert [(Path(i.path).name, i.member, i.caption) for i in items] == [
+        ("00000.tar", "000.mp4", "first"),
+        ("00001.tar", "000.mp4", ""),
+    ]
