@@ -290,6 +290,13 @@ def test_inputs_with_equals_signs_are_inputs_and_dotted_keys_are_overrides(tmp_p
     assert "input not found" in capsys.readouterr().err  # a path, not a dotted key: a missing input
 
 
+def test_a_relative_glob_that_looks_like_an_override_but_matches_is_an_input(tmp_path, capsys, monkeypatch):
+    _touch(tmp_path / "clip=1.mp4")
+    monkeypatch.chdir(tmp_path)
+    assert main(["preprocess", "clip=*.mp4", "--dry-run"]) == 0
+    assert str(tmp_path / "clip=1.mp4") in capsys.readouterr().out
+
+
 def test_zero_inputs_is_refused_in_one_line_also_on_dry_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     _touch(tmp_path / "empty" / "notes.md")
