@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -92,13 +93,17 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from stages.preprocess import (
         count_by_kind,
         discover,
+        is_input,
         local_shard_executor,
         manifest_table,
         run_preprocess,
     )
 
-    inputs = [item for item in args.items if "=" not in item]
-    overrides = [item for item in args.items if "=" in item]
+    # an item on disk (or a glob matching something) is an input, even with a `=` in its name; else
+    # `dotted.key=value` is an override
+    override = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=.*", re.DOTALL)
+    inputs = [item for item in args.items if is_input(item) or not override.fullmatch(item)]
+    overrides = [item for item in args.items if item not in inputs]
     if args.out:
         overrides.append(f"preprocess.out={args.out}")
     cfg = load_config(args.config, overrides)

@@ -7,7 +7,7 @@ Nothing here imports torch at import time: decode child processes import this pa
 """
 
 from stages.preprocess.decode_process import DecodeFailure, DecodeProcess
-from stages.preprocess.discover import InputItem, count_by_kind, discover, media_kind
+from stages.preprocess.discover import InputItem, count_by_kind, discover, is_input, media_kind
 from stages.preprocess.job import (
     CaptionEmbedder,
     ShardExecutor,
@@ -29,6 +29,7 @@ __all__ = [
     "caption_embedder",
     "count_by_kind",
     "discover",
+    "is_input",
     "local_shard_executor",
     "manifest_table",
     "media_kind",
