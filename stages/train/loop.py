@@ -33,7 +33,7 @@ from stages.atomic import remove_leftovers
 from stages.folder_lock import FolderInUse, folder_lock
 from stages.precision import torch_dtype
 from stages.train import checkpoint
-from stages.train.batches import draw_noise, encode_frozen, fit_batch, sr_pair
+from stages.train.batches import check_shard_geometry, draw_noise, encode_frozen, fit_batch, sr_pair
 from stages.train.distributed import init_distributed
 from stages.train.parallelize import deepspeed_config, lr_factor
 from stages.train.plan import format_training_plan, training_plan
@@ -163,7 +163,9 @@ class TrainingRun:
     # ---- around the steps --------------------------------------------------------------------------
 
     def start(self, resume: str) -> None:
-        """Continue from the checkpoint `resume` names (see `train`), if any; print the training plan."""
+        """Refuse shards of another geometry (`check_shard_geometry`); continue from the checkpoint `resume`
+        names (see `train`), if any; print the training plan."""
+        check_shard_geometry(self.cfg)
         start = checkpoint.resolve_resume(self.out, resume)
         if start is not None:
             self.step, state = checkpoint.load(self.engine, start, self.rank, self.world)
