@@ -7,6 +7,7 @@ with an EMA, committed checkpoints with exact resume, metrics and previews.
     sync         what the loop reads from the device, and when
     metrics      progress bar, metrics.jsonl, TensorBoard
     parallelize  activation checkpointing, compile, the DeepSpeed config
+    ops          DeepSpeed's compiled ops: none built on CPU, a bounded wait on build locks
     distributed  joining and leaving the launcher's process group
     previews     samples from the EMA weights      plan         what a run will do per step
 """

@@ -20,9 +20,13 @@ def _free_port() -> int:
 def init_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the launcher's environment (RANK/WORLD_SIZE/LOCAL_RANK and
     MASTER_ADDR/PORT, as torchrun, the DeepSpeed launcher and Ray Train set them; SLURM variables are
-    mapped); a lone process gets a world of one. nccl on CUDA, gloo on CPU."""
+    mapped); a lone process gets a world of one. nccl on CUDA, gloo on CPU. DeepSpeed's communication
+    builds no op (`stages.train.ops.skip_shared_memory_comm`)."""
     import deepspeed
 
+    from stages.train.ops import skip_shared_memory_comm
+
+    skip_shared_memory_comm()
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]

@@ -2,7 +2,8 @@
 SLURM, Ray Train). It imports no Ray.
 
 Per process: build the model from the run config, wrap it with `deepspeed.initialize` (config from
-`stages/train/parallelize.py`), stream this rank's shards, and run optimizer steps of v-prediction loss
+`stages/train/parallelize.py`; no op compiled at run time on CPU, a bounded wait on a build lock
+elsewhere: `stages/train/ops.py`), stream this rank's shards, and run optimizer steps of v-prediction loss
 with classifier-free-guidance text dropout, an fp32 EMA of the weights, committed checkpoints with
 exact resume (`stages/train/checkpoint.py`), a non-finite-loss guard, SIGTERM → checkpoint → exit, and
 metrics (`stages/train/metrics.py`); per-step values stay on the device between log lines
@@ -35,6 +36,7 @@ from stages.precision import torch_dtype
 from stages.train import checkpoint
 from stages.train.batches import check_shard_geometry, draw_noise, encode_frozen, fit_batch, sr_pair
 from stages.train.distributed import init_distributed
+from stages.train.ops import build_lock, run_time_builds, wait_for_build_locks
 from stages.train.parallelize import deepspeed_config, lr_factor
 from stages.train.plan import format_training_plan, training_plan
 from stages.train.sync import StepRecord, grad_norm_bad, nonfinite, read_means, settled_at_once
@@ -127,10 +129,12 @@ class TrainingRun:
         random.seed(train_cfg.seed)
         self.module = DiffusionTrainer(cfg)
         self.trainable = [param for param in self.module.parameters() if param.requires_grad]
+        ds_config = deepspeed_config(cfg, self.world)
+        wait_for_build_locks([build_lock(op) for op in run_time_builds(ds_config)])
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.module,
             model_parameters=self.trainable,
-            config=deepspeed_config(cfg, self.world),
+            config=ds_config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda at: lr_factor(at, train_cfg.warmup_steps, train_cfg.steps)
             ),

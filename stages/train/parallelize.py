@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
@@ -62,9 +63,27 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: RunConfig, world_size: int, cuda: bool | None = None) -> dict[str, Any]:
     """The DeepSpeed config for a run: ours, or the user's JSON (`parallel.deepspeed_config`) after
-    checking that its batch sizes, ZeRO stage and precision agree with the run config."""
+    checking that its batch sizes, ZeRO stage and precision agree with the run config.
+
+    Without CUDA (`cuda`: default torch.cuda.is_available()) an Adam or AdamW optimizer is torch's own
+    (`"torch_adam": true`, unless the user's JSON sets it): DeepSpeed's fused Adam would be compiled at
+    run time (`stages/train/ops.py`)."""
+    merged = _merged_config(cfg, world_size)
+    on_cuda = torch.cuda.is_available() if cuda is None else cuda
+    return merged if on_cuda else _with_torch_adam(merged)
+
+
+def _with_torch_adam(ds: dict[str, Any]) -> dict[str, Any]:
+    optimizer = ds.get("optimizer", {})
+    params = optimizer.get("params", {})
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw") or "torch_adam" in params:
+        return ds
+    return {**ds, "optimizer": {**optimizer, "params": {**params, "torch_adam": True}}}
+
+
+def _merged_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     p, t = cfg.parallel, cfg.train
     micro, accum = cfg.data.batch_size, p.grad_accum
     ours: dict[str, Any] = {

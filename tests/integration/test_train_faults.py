@@ -5,13 +5,21 @@ locks that a killed build left behind."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from configs import load_config
 from pipeline.cli import main
 from stages import artifacts
+from stages.train import ops, train
 from tests import ROOT
 from tests.integration.training_data import GEOMETRY, make_training_shards
 
@@ -66,3 +74,80 @@ def test_shards_of_another_geometry_are_refused_before_any_step(shards, tmp_path
     reduced = tmp_path / "reduced"
     assert _train(*_args(shards, reduced, *smaller, "data.reduce=true")) == 0
     assert [d.name for d in artifacts.committed(reduced)] == ["step_00000001"]
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed op builds and their locks
+# --------------------------------------------------------------------------------------------------
+
+DEEPSPEED_OPS = ("fused_adam", "cpu_adam", "deepspeed_shm_comm")
+"""The build folders of every op a DeepSpeed training on CPU could build at run time."""
+
+
+def test_stale_op_build_locks_do_not_hang_a_training(shards, tmp_path):
+    """A build killed midway leaves `lock` in its folder; torch waits on it forever. On CPU training
+    builds nothing, so such locks do not matter (on the code before, this run waited without end)."""
+    extensions = tmp_path / "torch_extensions"
+    for op in DEEPSPEED_OPS:
+        (extensions / op).mkdir(parents=True)
+        (extensions / op / "lock").touch()
+    out = tmp_path / "run"
+    rendezvous = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env |= {"TORCH_EXTENSIONS_DIR": str(extensions), "OMP_NUM_THREADS": "1"}
+    args = _args(shards, out, "train.steps=2", "train.checkpoint_every=2")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", *args, "--quiet"],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"training hung on the stale build locks:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    assert [d.name for d in artifacts.committed(out)] == ["step_00000002"]
+    assert all((extensions / op / "lock").exists() for op in DEEPSPEED_OPS)  # nothing waited or built
+
+
+def test_a_remaining_wait_on_a_build_lock_is_bounded_and_names_the_lock(tmp_path, capsys):
+    lock = tmp_path / "fused_adam" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=rf"DeepSpeed op build lock {re.escape(str(lock))} has been held"):
+        ops.wait_for_build_locks([lock], warn_after_s=0.2, give_up_after_s=1.0)
+    assert time.monotonic() - started < 10
+    assert f"waiting for {lock}" in capsys.readouterr().err
+    lock.unlink()
+    ops.wait_for_build_locks([lock], warn_after_s=0.0, give_up_after_s=0.0)  # no lock: no wait
+
+
+@pytest.mark.slow  # loading the fused Adam op checks (and may redo) its build: minutes on 2 cores
+def test_torch_adamw_trains_as_deepspeeds_fused_adam(shards, tmp_path):
+    """CPU training uses torch's AdamW; DeepSpeed's fused Adam (where its build is ready) gives the same
+    losses within float tolerance."""
+    from deepspeed.ops.op_builder.cpu import FusedAdamBuilder
+
+    lock = ops.build_lock("FusedAdamBuilder")
+    if not (lock.parent / f"{FusedAdamBuilder.NAME}.so").is_file() or lock.exists():
+        pytest.skip(f"DeepSpeed's fused Adam is not built (or is being built) in {lock.parent}")
+    fused_json = tmp_path / "fused.json"
+    adamw = {"lr": 3e-3, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8}
+    fused_json.write_text(
+        json.dumps({"optimizer": {"type": "AdamW", "params": {**adamw, "torch_adam": False}}})
+    )
+    common = ("train.steps=4", "train.checkpoint_every=100", "train.lr=3e-3")
+    tiny = [ROOT / "configs/tiny.yaml"]
+    torch_cfg = load_config(tiny, _args(shards, tmp_path / "a", *common)[1:])
+    fused_cfg = load_config(
+        tiny, _args(shards, tmp_path / "b", *common, f"parallel.deepspeed_config={fused_json}")[1:]
+    )
+    torch_run, fused_run = train(torch_cfg, progress=False), train(fused_cfg, progress=False)
+    np.testing.assert_allclose(torch_run.losses, fused_run.losses, rtol=1e-4)

@@ -112,6 +112,19 @@ def test_deepspeed_config_follows_the_run_config():
     assert ds["optimizer"]["type"] == "AdamW" and ds["gradient_clipping"] == 1.0
 
 
+def test_without_cuda_the_optimizer_is_torch_adamw_which_needs_no_op_build(tmp_path):
+    assert deepspeed_config(_run(), 1, cuda=False)["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in deepspeed_config(_run(), 1, cuda=True)["optimizer"]["params"]
+    assert deepspeed_config(_run(), 1)["optimizer"]["params"]["torch_adam"] is True  # this CPU machine
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}))
+    user = deepspeed_config(_run(f"parallel.deepspeed_config={path}"), 1, cuda=False)
+    assert user["optimizer"] == {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}}
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": False}}}))
+    explicit = deepspeed_config(_run(f"parallel.deepspeed_config={path}"), 1, cuda=False)
+    assert explicit["optimizer"]["params"] == {"torch_adam": False}  # the user's choice stands
+
+
 def test_a_user_deepspeed_json_must_agree_with_the_run_config(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(
