@@ -30,7 +30,10 @@ from configs import (
 )
 from configs.schema import RenderPrecision
 from pipeline.graph import GraphError
-from stages.folder_lock import FolderInUse, folder_lock
+from stages.folder_lock import FolderInUse, check_output_folder, folder_lock
+
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=.*", re.DOTALL)
+"""A `dotted.key=value` config override, as opposed to an input path."""
 
 INTERRUPTED = 130
 """Exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
@@ -40,18 +43,6 @@ def _interrupted() -> int:
     """Report Ctrl-C on one line; the exit status to return."""
     print("interrupted", file=sys.stderr)
     return INTERRUPTED
-
-
-def _check_output_folder(path: str | Path, name: str) -> None:
-    """Check, before a command writes anything, that its output folder `path` can be made: neither it nor
-    a folder above it is an existing file. ValueError naming `name` (the option or config field giving
-    the path) and the file otherwise."""
-    path = Path(path)
-    for existing in (path, *path.parents):
-        if existing.exists():
-            if not existing.is_dir():
-                raise ValueError(f"{name}: {existing} is a file; expected a folder")
-            return
 
 
 def _load(items: Sequence[str]) -> RunConfig:
@@ -101,8 +92,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
     # an item on disk (or a glob matching something) is an input, even with a `=` in its name; else
     # `dotted.key=value` is an override
-    override = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=.*", re.DOTALL)
-    inputs = [item for item in args.items if is_input(item) or not override.fullmatch(item)]
+    inputs = [item for item in args.items if is_input(item) or not OVERRIDE.fullmatch(item)]
     overrides = [item for item in args.items if item not in inputs]
     if args.out:
         overrides.append(f"preprocess.out={args.out}")
@@ -114,7 +104,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
         for kind, count in count_by_kind(items).items():
             print(f"# {kind}: {count}")
         return 0
-    _check_output_folder(cfg.preprocess.out, "preprocess.out")
+    check_output_folder(cfg.preprocess.out, "preprocess.out")
     if args.local:
         executor = local_shard_executor
     else:
@@ -131,7 +121,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from stages.synth import run_synth
 
     cfg = SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
-    _check_output_folder(args.out, "--out")
+    check_output_folder(args.out, "--out")
     summary = run_synth(Path(args.out), cfg, progress=not args.quiet)
     print(f"wrote {summary.videos} videos and {summary.images} images with captions to {summary.out}")
     return 0
@@ -139,7 +129,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    _check_output_folder(cfg.train.out_dir, "train.out_dir")
+    check_output_folder(cfg.train.out_dir, "train.out_dir")
     from stages.train import NonFiniteError
 
     try:
@@ -210,7 +200,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         raise ValueError("render needs --out DIR (or --plan to only print the plan)")
     if bool(args.prompts) == bool(args.prompt):
         raise ValueError("render needs either --prompts FILE or --prompt TEXT (repeatable), not both")
-    _check_output_folder(args.out, "--out")
+    check_output_folder(args.out, "--out")
     from stages.render import Prompt, read_prompts_file, render
 
     prompts = read_prompts_file(args.prompts) if args.prompts else [Prompt(text) for text in args.prompt]
@@ -231,7 +221,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     from stages.render import upscale
 
     cascade = load_cascade(args.cascade, args.overrides)
-    _check_output_folder(args.out, "--out")
+    check_output_folder(args.out, "--out")
     summary = upscale(
         cascade,
         args.input,
@@ -257,7 +247,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.out:
         overrides.append(f"out_dir={args.out}")
     cfg = load_pipeline(paths, overrides)
-    _check_output_folder(cfg.out_dir, "out_dir")
+    check_output_folder(cfg.out_dir, "out_dir")
     job = PipelineJob(cfg, address=args.address, progress=not args.quiet)
     stages = job.stages()
     selection = Selection(only=tuple(args.only), from_=args.from_ or "", force=tuple(args.force))

@@ -49,7 +49,6 @@ def _init(address: str | None, dashboard: bool, num_cpus: int | None) -> None:
         return
     ray.init(
         num_cpus=num_cpus,
-        _node_ip_address="127.0.0.1",
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         log_to_driver=True,

@@ -33,6 +33,18 @@ class FolderInUse(RuntimeError):
     """Another live job holds the folder's lock."""
 
 
+def check_output_folder(path: str | os.PathLike, name: str = "") -> None:
+    """ValueError when the folder `path` cannot be made because it, or a folder above it, is a file; the
+    message starts with `name` (the option or config field giving the path) when given. Commands call
+    it before any work; `folder_lock` calls it too."""
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise ValueError(f"{name + ': ' if name else ''}{existing} is a file; expected a folder")
+            return
+
+
 def _holder(text: str) -> str:
     """'pid N on HOST (JOB, since TIME)' from a lock file's text, or a fallback for a foreign one."""
     try:
@@ -66,11 +78,11 @@ def _open_locked(path: Path, folder: Path) -> int:
 @contextmanager
 def folder_lock(folder: str | os.PathLike, job: str) -> Iterator[Path]:
     """Hold the exclusive lock of `folder` (created if missing) while the body writes there; yields the
-    folder. Raises FolderInUse, before anything else is written, when another live job holds it. A lock
-    left by a job that died is reported on stderr and taken over."""
+    folder. Raises FolderInUse, before anything else is written, when another live job holds it
+    (ValueError when `folder` is a file). A lock left by a job that died is reported on stderr and
+    taken over."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file; expected a folder to write into")
+    check_output_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     fd = _open_locked(path, folder)

@@ -42,12 +42,20 @@ def skip_shared_memory_comm() -> None:
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
+def adam_params(ds_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The params of the DeepSpeed config's optimizer when it is Adam or AdamW, the kind DeepSpeed
+    compiles unless `torch_adam` is set; None for any other optimizer."""
+    optimizer = ds_config.get("optimizer", {})
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw"):
+        return None
+    return optimizer.get("params", {})
+
+
 def run_time_builds(ds_config: dict[str, Any]) -> list[str]:
     """The DeepSpeed op builders (class names) that `deepspeed.initialize` with this config would build
     at run time: its Adam, unless it is torch's (`torch_adam`) or installed prebuilt with DeepSpeed."""
-    optimizer = ds_config.get("optimizer", {})
-    params = optimizer.get("params", {})
-    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw") or params.get("torch_adam"):
+    params = adam_params(ds_config)
+    if params is None or params.get("torch_adam"):
         return []
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     builder = "CPUAdamBuilder" if offload in ("cpu", "nvme") else "FusedAdamBuilder"

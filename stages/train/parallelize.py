@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
 from configs import ParallelConfig, RunConfig
+from stages.train.ops import adam_params
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:
@@ -76,11 +77,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int, cuda: bool | None = None) 
 
 
 def _with_torch_adam(ds: dict[str, Any]) -> dict[str, Any]:
-    optimizer = ds.get("optimizer", {})
-    params = optimizer.get("params", {})
-    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw") or "torch_adam" in params:
+    params = adam_params(ds)
+    if params is None or "torch_adam" in params:
         return ds
-    return {**ds, "optimizer": {**optimizer, "params": {**params, "torch_adam": True}}}
+    return {**ds, "optimizer": {**ds["optimizer"], "params": {**params, "torch_adam": True}}}
 
 
 def _merged_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
