@@ -87,7 +87,8 @@ def file_item(path: Path, caption: str | None = None) -> InputItem:
     kind = media_kind(path.name) or "video"
     resolved = str(path.resolve())
     if not path.is_file():
-        return InputItem(resolved, kind, caption or "", error=f"file not found: {path}")
+        link = f" (a broken symlink to {path.readlink()})" if path.is_symlink() else ""
+        return InputItem(resolved, kind, caption or "", error=f"file not found: {path}{link}")
     if caption is not None:
         return InputItem(resolved, kind, caption)
     text, error = _sidecar_caption(path)

@@ -4,8 +4,9 @@ absolute) and an optional `caption`, parsed strictly.
 A CSV needs a `path` column (else the whole file is refused); a row with more or fewer fields than the
 header (an unquoted comma in a caption) or an empty path is a failure item. A JSONL line must be an
 object with a string `path` and a string `caption` (missing or null: no caption); any other line, or one
-that is not JSON, is a failure item. Failure items name the manifest and line (`{file}:{line}: ...`)
-and the rest of the manifest goes on.
+that is not JSON, is a failure item. So is a row or line that is not UTF-8. Failure items name the
+manifest and line (`{file}:{line}: ...`) and the rest of the manifest goes on; a manifest that cannot be
+read at all is one failure item naming it.
 """
 
 from __future__ import annotations
@@ -25,16 +26,30 @@ def _fields(count: int) -> str:
     return f"{count} field" + ("" if count == 1 else "s")
 
 
+def _not_utf8(text: str) -> str:
+    """The error of text decoded with surrogateescape that held bytes which are not UTF-8, else ''."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"not valid UTF-8 (byte 0x{ord(text[err.start]) - 0xDC00:02x})"
+    return ""
+
+
 def _csv_rows(path: Path) -> Iterator[Row]:
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
+        if bad := _not_utf8(",".join(header)):
+            raise ValueError(f"{path}: the CSV header is {bad}")
         if "path" not in header:
             raise ValueError(f"{path}: a CSV manifest needs a 'path' column (and optionally 'caption')")
         for row in reader:
             line = reader.line_num
+            bad = _not_utf8(",".join(value for value in row.values() if isinstance(value, str)))
             extra, missing = len(row.get(None, [])), sum(value is None for value in row.values())
-            if extra:
+            if bad:
+                yield line, "", "", bad
+            elif extra:
                 got = _fields(len(header) + extra)
                 yield (
                     line,
@@ -68,15 +83,21 @@ def _jsonl_row(line: int, text: str) -> Row:
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if text.strip():
+    for line, data in enumerate(path.read_bytes().split(b"\n"), start=1):
+        text = data.decode("utf-8", errors="surrogateescape")
+        if bad := _not_utf8(text):
+            yield line, "", "", bad
+        elif text.strip():
             yield _jsonl_row(line, text)
 
 
 def from_manifest(path: Path) -> list[InputItem]:
     """One item per row of the manifest at `path`: its file with the row's caption, or a failure item."""
     where = str(path.resolve())
-    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    try:
+        rows = list(_csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path))
+    except OSError as err:
+        return [InputItem(where, OTHER, error=f"{where}: cannot read the manifest ({err.strerror})")]
     items = []
     for line, rel, caption, error in rows:
         if error:

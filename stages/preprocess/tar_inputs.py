@@ -7,7 +7,9 @@ A media field `NAME.EXT` takes its caption from the field-matched `NAME.txt` / `
 one, else from the key's `txt` / `json` (so `clip.a.mp4` and `clip.b.mp4` share `clip.txt`, while
 `clip.b.txt`, when present, wins for `clip.b.mp4`); `txt` is read before `json`. A member that is not
 read - a link, a device or FIFO, a name without an extension or with an unknown one, a caption that
-belongs to no media member - is a failure item naming the tar, the member and why.
+belongs to no media member - is a failure item naming the tar, the member and why. A tar that cannot
+be opened, or that breaks off (truncated, corrupt), is one failure item naming the tar and where it
+broke; the members read before the break are still items.
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ def _caption(captions: Captions, key: str, stem: str, where: str) -> tuple[str, 
     return "", ""
 
 
+def _check_end(tar: tarfile.TarFile) -> None:
+    """Raise when the archive stops without the two zero blocks that end a tar: tarfile reads a tar cut
+    at a member boundary as complete, and the members after the cut would be lost without a word."""
+    tar.fileobj.seek(tar.offset)  # type: ignore[union-attr]
+    end = tar.fileobj.read(2 * tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+    if len(end) < 2 * tarfile.BLOCKSIZE or any(end):
+        raise tarfile.ReadError("it ends without the end-of-archive blocks: truncated")
+
+
 def from_tar(path: Path) -> list[InputItem]:
     """One item per media member of the tar at `path`, and one failure item per member not read."""
     where = str(path.resolve())
@@ -69,25 +80,33 @@ def from_tar(path: Path) -> list[InputItem]:
             InputItem(where, media_kind(name) or OTHER, member=name, error=f"{where}::{name}: {reason}")
         )
 
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.isdir():
-                continue
-            reason, split = _not_a_file(member), split_key(member.name)
-            if reason or split is None:
-                fail(
-                    member.name, reason or "no extension (expected KEY.mp4, KEY.jpg, KEY.txt, KEY.json, ...)"
-                )
-                continue
-            key, field = split
-            stem, _, ext = field.rpartition(".")
-            if media_kind(member.name):
-                media.setdefault(key, []).append((member.name, stem))
-            elif ext in CAPTION_FIELDS:
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                captions.setdefault((key, stem), {})[ext] = (member.name, data)
-            else:
-                fail(member.name, f"unknown extension '.{ext}' (not a video, image or .txt/.json caption)")
+    def take(tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        reason, split = _not_a_file(member), split_key(member.name)
+        if reason or split is None:
+            fail(member.name, reason or "no extension (expected KEY.mp4, KEY.jpg, KEY.txt, KEY.json, ...)")
+            return
+        key, field = split
+        stem, _, ext = field.rpartition(".")
+        if media_kind(member.name):
+            media.setdefault(key, []).append((member.name, stem))
+        elif ext in CAPTION_FIELDS:
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            captions.setdefault((key, stem), {})[ext] = (member.name, data)
+        else:
+            fail(member.name, f"unknown extension '.{ext}' (not a video, image or .txt/.json caption)")
+
+    done = 0  # members read in full
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isdir():
+                    take(tar, member)
+                done += 1
+            _check_end(tar)
+    except (OSError, EOFError, tarfile.TarError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+        kept = f"the {done} member(s) before it are kept" if done else "no member could be read"
+        failures.append(InputItem(where, OTHER, error=f"{where}: cannot read the tar ({reason}); {kept}"))
 
     items = []
     for key, members in media.items():

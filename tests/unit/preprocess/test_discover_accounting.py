@@ -119,6 +119,36 @@ def test_tar_members_that_are_not_inputs_are_counted_failures(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("cut", "reason"),
+    [
+        (2048 + 2, "unexpected end of data"),  # inside a.txt's data
+        (1536, "it ends without the end-of-archive blocks: truncated"),  # right after a.mp4, between members
+    ],
+)
+def test_a_truncated_tar_keeps_the_members_before_the_break_and_is_a_failure(tmp_path, cut, reason):
+    whole = _tar(tmp_path / "whole.tar", [("a.mp4", b"v" * 600), ("a.txt", b"first"), ("b.mp4", b"w" * 600)])
+    short = _touch(tmp_path / "cut.tar", whole.read_bytes()[:cut])  # a.mp4: 512-byte header + 1024 of data
+    items = _by_id(discover([str(short)]))
+    where = str(short.resolve())
+    assert items.pop(f"{where}::a.mp4") == ("", "")  # its caption was past the break
+    kept = "the 1 member(s) before it are kept"
+    assert items == {where: ("", f"{where}: cannot read the tar ({reason}); {kept}")}
+
+
+def test_a_tar_that_is_not_a_tar_or_cannot_be_read_is_one_failure_naming_it(open_tmp):
+    garbage = _touch(open_tmp / "garbage.tar", b"not a tar at all" * 64)
+    items = discover([str(garbage)])
+    assert [i.id for i in items] == [str(garbage)]
+    assert items[0].error.startswith(f"{garbage}: cannot read the tar (")
+    assert items[0].error.endswith("; no member could be read")
+    locked = _tar(open_tmp / "locked.tar", [("a.mp4", b"v")])
+    locked.chmod(0)
+    assert _discover_unprivileged([str(locked)]) == {
+        str(locked): ("", f"{locked}: cannot read the tar (Permission denied); no member could be read")
+    }
+
+
 def test_csv_rows_that_do_not_fit_the_header_are_failures_naming_file_and_line(tmp_path):
     _touch(tmp_path / "a.mp4")
     _touch(tmp_path / "b.mp4")
@@ -159,6 +189,45 @@ def test_jsonl_null_caption_is_no_caption_not_the_word_none(tmp_path):
     _touch(tmp_path / "a.mp4")
     (tmp_path / "m.jsonl").write_text('{"path": "a.mp4", "caption": null}\n')
     assert [(i.caption, i.error) for i in discover([str(tmp_path / "m.jsonl")])] == [("", "")]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_manifest_rows_that_are_not_utf8_are_failures_naming_file_and_line(tmp_path, suffix):
+    _touch(tmp_path / "a.mp4")
+    _touch(tmp_path / "b.mp4")
+    rows = {
+        ".csv": [b"path,caption", b"a.mp4,caf\xe9 latin-1", b"b.mp4,fine"],
+        ".jsonl": [b'{"path": "a.mp4", "caption": "caf\xe9"}', b'{"path": "b.mp4", "caption": "fine"}'],
+    }[suffix]
+    manifest = _touch(tmp_path / f"m{suffix}", b"\n".join(rows) + b"\n")
+    items = discover([str(manifest)])
+    assert [(Path(i.path).name, i.caption) for i in items if not i.error] == [("b.mp4", "fine")]
+    line = 2 if suffix == ".csv" else 1
+    expected = f"{manifest.resolve()}:{line}: not valid UTF-8 (byte 0xe9)"
+    assert [i.error for i in items if i.error] == [expected]
+
+
+def test_a_csv_header_that_is_not_utf8_refuses_the_manifest_naming_it(tmp_path):
+    manifest = _touch(tmp_path / "m.csv", b"p\xe4th,caption\na.mp4,x\n")
+    with pytest.raises(ValueError, match=f"{manifest}: the CSV header is not valid UTF-8 \\(byte 0xe4\\)"):
+        discover([str(manifest)])
+
+
+def test_an_unreadable_manifest_is_one_failure_naming_it(open_tmp):
+    manifest = _touch(open_tmp / "m.jsonl", b'{"path": "a.mp4"}\n')
+    manifest.chmod(0)
+    assert _discover_unprivileged([str(manifest)]) == {
+        str(manifest): ("", f"{manifest}: cannot read the manifest (Permission denied)")
+    }
+
+
+def test_a_broken_media_symlink_is_a_failure_saying_so(tmp_path):
+    (tmp_path / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    _touch(tmp_path / "ok.mp4")
+    assert _by_id(discover([str(tmp_path)]))[str(tmp_path / "nowhere.mp4")] == (
+        "",
+        f"file not found: {tmp_path / 'gone.mp4'} (a broken symlink to {tmp_path / 'nowhere.mp4'})",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
