@@ -88,17 +88,17 @@ EOF
   "$py" -c "import torch, deepspeed, ray, decord, av, webdataset; print('[setup] torch', torch.__version__, \
 'cuda' if torch.cuda.is_available() else 'cpu', '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)" \
     2>/dev/null | grep '^\[setup\]' || die "dependency check failed; rerun with a clean $VENV"
-  # DeepSpeed compiles its communication op and its fused Adam when the first training starts (1.5 min on
-  # 2 cores, while every training starting then waits): build them now, once. Best effort: DeepSpeed
-  # skips ops a machine does not support, and a training still builds whatever is missing.
+  # Training builds no op at run time on CPU (stages/train/ops.py); on CUDA DeepSpeed's fused Adam is
+  # compiled the first time a training uses it. Build it now, once, so no training waits on that build
+  # (on CPU only DeepSpeed's own fused Adam, `"torch_adam": false`, and its equivalence test use it).
+  # Best effort: DeepSpeed skips ops a machine does not support.
   "$py" - >/dev/null 2>&1 <<'EOF' || true
 import deepspeed.ops
 from deepspeed.accelerator import get_accelerator
 
-for name in ("ShareMemCommBuilder", "FusedAdamBuilder"):
-    builder = get_accelerator().create_op_builder(name)
-    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        builder.load()
+builder = get_accelerator().create_op_builder("FusedAdamBuilder")
+if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+    builder.load()
 EOF
   echo "$want" > "$stamp"
 }

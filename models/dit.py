@@ -337,7 +337,11 @@ class VideoDiT(nn.Module):
 
     def load_weights(self, state: dict[str, Tensor]) -> None:
         """Load a state dict; temporal-attention weights may be missing (an image model's weights)."""
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # a tensor of another shape
+            mismatch = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+            raise ValueError(f"weights do not match the model config: {'; '.join(mismatch[:4])}") from err
         not_temporal = [k for k in missing if ".temporal_" not in k]
         if not_temporal or unexpected:
             raise ValueError(
@@ -358,5 +362,8 @@ class VideoDiT(nn.Module):
         image model into a video model) and load its safetensors weights (never a pickle)."""
         config, state = read_weights(directory, ModelConfig, weights_name, CONFIG_NAME, overrides)
         model = cls(config)
-        model.load_weights(state)
+        try:
+            model.load_weights(state)
+        except ValueError as err:
+            raise ValueError(f"{Path(directory) / weights_name}: {err}") from err
         return model

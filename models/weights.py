@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -31,6 +32,15 @@ def save_weights(
     return path
 
 
+def load_safetensors(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of the safetensors file at `path`; a ValueError naming it when it is not one
+    (truncated, corrupt, or another format under that name)."""
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); re-export or retrain it") from err
+
+
 def read_weights(
     directory: str | Path,
     schema: type[C],
@@ -44,6 +54,6 @@ def read_weights(
     for name in (config_name, weights_name):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: no {name} (expected a directory from save_pretrained)")
-    return load_config([directory / config_name], overrides, schema=schema), load_file(
+    return load_config([directory / config_name], overrides, schema=schema), load_safetensors(
         directory / weights_name
     )

@@ -3,8 +3,8 @@
 Configs are given as YAML paths followed by dotted overrides (`model.depth=12`), in order.
 
 Bad input (a config error, a missing file, a bad value, an output folder that is a file, a broken stage
-graph) is one line on stderr and exit status 2; Ctrl-C is "interrupted" and exit status 130. Neither
-prints a traceback.
+graph, a corrupt checkpoint file) is one line on stderr and exit status 2; a full disk is one line and
+exit status 1; Ctrl-C is "interrupted" and exit status 130. None prints a traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from configs import (
 )
 from configs.schema import RenderPrecision
 from pipeline.graph import GraphError
+from stages.atomic import NoSpaceLeft
 from stages.folder_lock import FolderInUse, check_output_folder, folder_lock
 
 OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=.*", re.DOTALL)
@@ -148,7 +149,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             from stages.train import train
 
             result = train(cfg, resume=args.resume, progress=not args.quiet)
-    except NonFiniteError as err:
+    except (NonFiniteError, NoSpaceLeft) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:  # caught here so that a rank still leaves its process group below
@@ -421,6 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except NoSpaceLeft as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError, GraphError, FolderInUse) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from configs import RunConfig
 from models.dit import CONFIG_NAME, VideoDiT
 from models.text import TEXT_CONFIG_NAME, ByteTextEncoder, T5TextEncoder
-from models.weights import save_weights
+from models.weights import load_safetensors, save_weights
 
 MARKER = "COMMITTED"
 """The commit marker of a step directory."""
@@ -122,5 +121,5 @@ def load_exported(step: Path, cfg: RunConfig, state: str = "ema") -> tuple[Video
     # an export without text_config.yaml (checkpoints of versions that did not write it): the run
     # config's text section has the same shape
     text = ByteTextEncoder.from_config(cfg.text)
-    text.load_state_dict(load_file(out / text_weights_name(state)))
+    text.load_state_dict(load_safetensors(out / text_weights_name(state)))
     return model, text

@@ -8,12 +8,18 @@ On an error the temporary file is removed. A process killed mid-write leaves its
 behind; `remove_leftovers` deletes those once the job that owns the folder knows none of its writers is
 alive (the end of a preprocessing job, a render, a training, a pipeline run). That job holds the
 folder's lock (`stages.folder_lock`), so no other job's writes are in flight there.
+
+A write that fails because the disk is full raises `NoSpaceLeft`, which says so and names the file,
+whatever the writer reported (torch.save only says "unexpected pos"): `reporting_full_disk` is the one
+translation, used by `atomic_path` and by the checkpoint writer.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +44,60 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+FULL_BELOW = 1 << 20
+"""Bytes free under which a failed write is taken to have failed for want of space."""
+
+
+class NoSpaceLeft(OSError):
+    """A write failed because its filesystem is full; the message says which file."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
+
+
+def _out_of_space(err: BaseException, path: Path) -> bool:
+    """Whether `err` (or an error it came from) is ENOSPC, or an I/O-like error (torch's writer raises
+    RuntimeError) and the filesystem of `path` is now full."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = err
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(
+        (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
+        for e in chain
+    ):
+        return True
+    free = _free_bytes(path) if isinstance(err, OSError | RuntimeError) else None
+    return free is not None and free < FULL_BELOW
+
+
+@contextmanager
+def reporting_full_disk(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an error of the writes in the body into `NoSpaceLeft` naming `path` (the file or folder
+    being written) when it came from a full disk; any other error passes unchanged."""
+    try:
+        yield
+    except NoSpaceLeft:
+        raise
+    except Exception as err:
+        path = Path(path)
+        if not _out_of_space(err, path):
+            raise
+        free = _free_bytes(path) or 0
+        raise NoSpaceLeft(f"no space left on device writing {path} ({free / 2**20:.1f} MB free)") from err
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield the temporary path to write `path` through; on success it is fsynced and renamed into place.
@@ -50,9 +110,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_native_id()}")
     try:
-        yield tmp
-        _fsync(tmp)
-        os.replace(tmp, path)
+        with reporting_full_disk(path):
+            yield tmp
+            _fsync(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

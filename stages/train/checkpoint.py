@@ -9,6 +9,10 @@ Layout of `train.out_dir/checkpoints/step_{step:08d}/`:
 - `COMMITTED`        written by rank 0 after every rank has finished: resume only trusts directories that
                      have it, so a crash during a save never leaves training pointing at a partial one.
 
+A disk that fills during a save raises `NoSpaceLeft` saying so; the step directory stays without its
+marker. A checkpoint file that is truncated, corrupt or not what Tessera wrote (a pickle of anything but
+tensors and numbers) is refused on load with a ValueError naming the file.
+
 DeepSpeed's own loader unpickles with weights_only=False; ours swaps in a checkpoint engine that loads
 with weights_only=True and allows only the few DeepSpeed types its files hold.
 """
@@ -26,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 from stages.artifacts import MARKER, committed, step_dir
-from stages.atomic import write_text
+from stages.atomic import NoSpaceLeft, reporting_full_disk, write_text
+from stages.train import ops
 
 
 def resolve_resume(out_dir: str | Path, resume: str) -> Path | None:
@@ -68,22 +73,44 @@ def save(
     `exports(directory)` (rank 0, before the commit) writes extra files such as safetensors weights.
     """
     directory = step_dir(out_dir, step)
+    try:
+        with reporting_full_disk(directory):
+            _write(engine, directory, rank, rank_state, {"step": step, **meta}, config_yaml, exports)
+    except NoSpaceLeft as err:
+        raise NoSpaceLeft(
+            f"{err}; {directory.name} is left without its {MARKER} marker, so a resume takes the last "
+            "committed checkpoint: free space and resume"
+        ) from err
+    if rank == 0:
+        for old in committed(out_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return directory
+
+
+def _write(
+    engine: Any,
+    directory: Path,
+    rank: int,
+    rank_state: dict[str, Any],
+    meta: dict[str, Any],
+    config_yaml: str,
+    exports: Any,
+) -> None:
     if rank == 0 and directory.exists():
         shutil.rmtree(directory)  # an uncommitted leftover of a crashed save of this step
     _barrier()
-    engine.save_checkpoint(str(directory / "ds"), tag="state", client_state={"step": step}, save_latest=False)
+    engine.save_checkpoint(
+        str(directory / "ds"), tag="state", client_state={"step": meta["step"]}, save_latest=False
+    )
     torch.save(rank_state, directory / f"rank_{rank:05d}.pt")
     _barrier()  # every rank has written everything
     if rank == 0:
         if exports is not None:
             exports(directory)
         write_text(directory / "config.yaml", config_yaml)
-        write_text(directory / "meta.json", json.dumps({"step": step, **meta}, indent=2))
-        write_text(directory / MARKER, f"{step}\n")
-        for old in committed(out_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return directory
+        write_text(directory / "meta.json", json.dumps(meta, indent=2))
+        write_text(directory / MARKER, f"{meta['step']}\n")
 
 
 def load(engine: Any, directory: Path, rank: int, world_size: int) -> tuple[int, dict[str, Any]]:
@@ -106,12 +133,34 @@ def load(engine: Any, directory: Path, rank: int, world_size: int) -> tuple[int,
     path, client = engine.load_checkpoint(str(directory / "ds"), tag="state")
     if path is None:
         raise ValueError(f"{directory}/ds: DeepSpeed could not load the checkpoint; it is corrupt")
-    state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    if ops.uses_fused_adam(client.get("ds_config", {})) and not ops.uses_fused_adam(engine.config):
+        ops.adopt_fused_adam_steps(engine.optimizer)
+    state = load_tensors(rank_file)
     if client.get("step") != meta["step"]:
         raise ValueError(
             f"{directory}: DeepSpeed state is for step {client.get('step')}, meta for {meta['step']}"
         )
     return int(meta["step"]), state
+
+
+def load_tensors(path: str | Path, allowed: tuple[type, ...] = (), map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True (and the `allowed` classes); a file that is truncated, corrupt,
+    or holds other objects is a ValueError naming it."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch reports a torn zip, a bad pickle and a refused class in many types
+        # torch's paragraphs of advice come first; the unpickler's own words follow its marker
+        text = str(err).rpartition("WeightsUnpickler error:")[2]
+        lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(err).__name__]
+        refused = [line for line in lines if "GLOBAL" in line]
+        reason = (refused or lines)[0].split(". ")[0].rstrip(".")
+        if refused:
+            raise ValueError(
+                f"{path}: holds objects other than tensors and numbers, refused ({reason}); "
+                "the checkpoint is corrupt or was not written by Tessera"
+            ) from err
+        raise ValueError(f"{path}: unreadable ({reason}); the checkpoint is truncated or corrupt") from err
 
 
 def safe_checkpoint_engine(engine: Any) -> Any:
@@ -121,11 +170,10 @@ def safe_checkpoint_engine(engine: Any) -> Any:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     # the non-tensor types in ZeRO 1-3 optimizer-state files (the loss scaler is saved even in fp32)
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    allowed = (ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address)
 
     def load(path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return load_tensors(path, allowed, map_location)
 
     engine.load = load
     return engine

@@ -12,6 +12,9 @@ So, on CPU:
 - DeepSpeed's shared-memory communication op is never built (`skip_shared_memory_comm`): it serves only
   DeepSpeed's inference all-reduce, and training's collectives go through torch.distributed anyway.
 
+A checkpoint of a run that used DeepSpeed's fused Adam (CPU training before this, or CUDA) resumes
+under torch's AdamW exactly: `adopt_fused_adam_steps` moves its step counts to torch's layout.
+
 What is still built at run time (on CUDA, DeepSpeed's fused or CPU Adam; or an optimizer a user
 DeepSpeed JSON asks for) waits on a lock only for a bounded time, saying which file it waits on
 (`wait_for_build_locks`)."""
@@ -51,11 +54,33 @@ def adam_params(ds_config: dict[str, Any]) -> dict[str, Any] | None:
     return optimizer.get("params", {})
 
 
+def uses_fused_adam(ds_config: dict[str, Any]) -> bool:
+    """Whether this DeepSpeed config's optimizer is DeepSpeed's own Adam rather than torch's."""
+    params = adam_params(ds_config)
+    return params is not None and not params.get("torch_adam", False)
+
+
+def adopt_fused_adam_steps(optimizer: Any) -> None:
+    """After loading a fused-Adam state into torch's AdamW: give every parameter its group's step count.
+
+    DeepSpeed's FusedAdam counts steps in one parameter's state per group and applies that count to the
+    whole group (the others keep the count they started with); torch's AdamW reads each parameter's own.
+    `optimizer` is DeepSpeed's (ZeRO or precision wrappers hold torch's as `.optimizer`)."""
+    import torch
+
+    base = getattr(optimizer, "optimizer", optimizer)
+    for group in base.param_groups:
+        states = [base.state[p] for p in group["params"] if "step" in base.state.get(p, {})]
+        if states:
+            step = max(float(state["step"]) for state in states)
+            for state in states:
+                state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
 def run_time_builds(ds_config: dict[str, Any]) -> list[str]:
     """The DeepSpeed op builders (class names) that `deepspeed.initialize` with this config would build
     at run time: its Adam, unless it is torch's (`torch_adam`) or installed prebuilt with DeepSpeed."""
-    params = adam_params(ds_config)
-    if params is None or params.get("torch_adam"):
+    if not uses_fused_adam(ds_config):
         return []
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     builder = "CPUAdamBuilder" if offload in ("cpu", "nvme") else "FusedAdamBuilder"

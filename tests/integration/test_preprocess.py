@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,6 +195,33 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
         assert sorted(p.name for p in (killed / folder).iterdir()) == sorted(
             p.name for p in (clean / folder).iterdir()
         )
+
+
+def test_a_full_disk_stops_the_job_in_one_line_and_a_rerun_with_room_finishes_it(
+    tmp_path, small_disk, capsys
+):
+    from pipeline.cli import main
+
+    _synth_inputs(tmp_path / "in", count=8)
+    args = [*SMALL, "preprocess.files_per_shard=1", "preprocess.workers=1"]
+    clean = tmp_path / "clean"
+    run_preprocess(
+        load_config(overrides=[*args, f"preprocess.out={clean}"]), [str(tmp_path / "in")], progress=False
+    )
+    shards_kb = sum(f.stat().st_size for f in (clean / "shards").iterdir()) // 1024
+    subprocess.run(["mount", "-o", f"remount,size={shards_kb // 2}k", str(small_disk)], check=True)
+    out = small_disk / "out"
+    command = ["preprocess", str(tmp_path / "in"), "--out", str(out), "--local", "--quiet", *args]
+    assert main(command) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert re.fullmatch(
+        rf"error: no space left on device writing {out}/shards/train-\d{{6}}\.tar \(.*\)", error
+    )
+    assert not list(out.rglob("*.tmp-*")) and not (out / "manifest.json").exists()
+    subprocess.run(["mount", "-o", f"remount,size={shards_kb * 4}k", str(small_disk)], check=True)
+    assert main(command) == 0
+    assert (out / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
 
 
 def test_ray_data_job_equals_the_local_job(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from stages import artifacts
 from stages.train import ops, train
 from tests import ROOT
 from tests.integration.training_data import GEOMETRY, make_training_shards
+from tests.render_fixtures import IMAGE_STAGES, build_cascade
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +132,10 @@ def test_a_remaining_wait_on_a_build_lock_is_bounded_and_names_the_lock(tmp_path
 
 
 @pytest.mark.slow  # loading the fused Adam op checks (and may redo) its build: minutes on 2 cores
-def test_torch_adamw_trains_as_deepspeeds_fused_adam(shards, tmp_path):
+def test_torch_adamw_trains_as_deepspeeds_fused_adam_and_resumes_its_checkpoints(shards, tmp_path):
     """CPU training uses torch's AdamW; DeepSpeed's fused Adam (where its build is ready) gives the same
-    losses within float tolerance."""
+    losses within float tolerance, and a fused-Adam checkpoint resumes under torch's AdamW as the fused
+    run went on (before `ops.adopt_fused_adam_steps`, step 4's loss was 2.7 % off)."""
     from deepspeed.ops.op_builder.cpu import FusedAdamBuilder
 
     lock = ops.build_lock("FusedAdamBuilder")
@@ -143,7 +146,7 @@ def test_torch_adamw_trains_as_deepspeeds_fused_adam(shards, tmp_path):
     fused_json.write_text(
         json.dumps({"optimizer": {"type": "AdamW", "params": {**adamw, "torch_adam": False}}})
     )
-    common = ("train.steps=4", "train.checkpoint_every=100", "train.lr=3e-3")
+    common = ("train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5", "train.lr=3e-3")
     tiny = [ROOT / "configs/tiny.yaml"]
     torch_cfg = load_config(tiny, _args(shards, tmp_path / "a", *common)[1:])
     fused_cfg = load_config(
@@ -151,3 +154,126 @@ def test_torch_adamw_trains_as_deepspeeds_fused_adam(shards, tmp_path):
     )
     torch_run, fused_run = train(torch_cfg, progress=False), train(fused_cfg, progress=False)
     np.testing.assert_allclose(torch_run.losses, fused_run.losses, rtol=1e-4)
+    # a checkpoint of a fused-Adam run (what CPU training used before) resumes under torch's AdamW
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    shutil.rmtree(artifacts.step_dir(tmp_path / "c", 4))
+    resumed = train(load_config(tiny, _args(shards, tmp_path / "c", *common)[1:]), progress=False)
+    np.testing.assert_allclose(resumed.losses, fused_run.losses[2:], rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad checkpoint files
+# --------------------------------------------------------------------------------------------------
+
+
+class _Planted:
+    """A pickle that would create `path` if anything unpickled it without weights_only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory) -> Path:
+    """A training out_dir with one committed checkpoint, at step 2."""
+    out = tmp_path_factory.mktemp("trained")
+    old = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        assert _train(*_args(shards, out, "train.steps=2", "train.checkpoint_every=2")) == 0
+    finally:
+        os.chdir(old)
+    return out
+
+
+def _damage(path: Path, how: str, planted: Path) -> None:
+    import torch
+
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "garbage":
+        path.write_bytes(b"\x80\x02not a checkpoint" * 40)
+    else:  # a file replaced by a pickle of something other than tensors
+        torch.save({"module": _Planted(planted)}, path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "planted"])
+@pytest.mark.parametrize("name", ["rank_00000.pt", "ds/state/mp_rank_00_model_states.pt"])
+def test_a_bad_checkpoint_file_is_one_line_naming_it_on_resume(
+    shards, trained, tmp_path, capsys, monkeypatch, name, how
+):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    (step,) = artifacts.committed(out)
+    planted = tmp_path / "pwned"
+    _damage(step / name, how, planted)
+    capsys.readouterr()
+    assert _train(*_args(shards, out, "train.steps=3", "train.checkpoint_every=2")) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert error.startswith(f"error: {step / name}: "), error
+    expected = "holds objects other than tensors and numbers, refused" if how == "planted" else "unreadable ("
+    assert expected in error, error
+    assert not planted.exists()
+    assert _metrics_lines(out) == _metrics_lines(trained)  # no step ran
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "planted"])
+def test_a_bad_exported_weights_file_is_one_line_naming_it_on_render(tmp_path, capsys, how):
+    cascade = build_cascade(tmp_path / "cascade", IMAGE_STAGES)
+    weights = tmp_path / "cascade" / "ckpt" / "base" / "checkpoints" / "step_00000010" / "exported"
+    planted = tmp_path / "pwned"
+    _damage(weights / "ema.safetensors", how, planted)
+    out = tmp_path / "renders"
+    args = ["render", "--cascade", str(cascade), "--prompt", "a cat", "--out", str(out), "--local", "--quiet"]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert error.startswith(f"error: {weights / 'ema.safetensors'}: not a readable safetensors file"), error
+    assert not planted.exists()
+
+
+def test_exported_weights_of_another_shape_are_one_line_naming_the_file(tmp_path, capsys):
+    cascade = build_cascade(tmp_path / "cascade", IMAGE_STAGES)
+    ckpt = tmp_path / "cascade" / "ckpt"
+    exported = [ckpt / stage / "checkpoints" / "step_00000010" / "exported" for stage in ("base", "ssr")]
+    shutil.copy(exported[1] / "ema.safetensors", exported[0] / "ema.safetensors")  # SSR weights in base
+    out = tmp_path / "renders"
+    args = ["render", "--cascade", str(cascade), "--prompt", "a cat", "--out", str(out), "--local", "--quiet"]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    assert error.startswith(f"error: {exported[0] / 'ema.safetensors'}: weights do not match"), error
+
+
+# --------------------------------------------------------------------------------------------------
+# A disk that fills during a checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_disk_that_fills_during_a_checkpoint_says_so_and_the_step_stays_uncommitted(
+    shards, trained, small_disk, capsys, monkeypatch
+):
+    monkeypatch.chdir(ROOT)
+    (step,) = artifacts.committed(trained)
+    checkpoint_mb = sum(f.stat().st_size for f in step.rglob("*") if f.is_file()) / 2**20
+    out = small_disk / "run"
+    size = f"size={int(checkpoint_mb * 1.5 * 1024)}k"  # room for one checkpoint, not two
+    subprocess.run(["mount", "-o", f"remount,{size}", str(small_disk)], check=True)
+    args = _args(shards, out, "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5")
+    assert _train(*args) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, error
+    partial = artifacts.step_dir(out, 4)
+    assert error.startswith(f"error: no space left on device writing {partial}"), error
+    assert "MB free)" in error and f"{partial.name} is left without its COMMITTED marker" in error, error
+    assert [d.name for d in artifacts.committed(out)] == ["step_00000002"]
+    assert partial.is_dir() and not (partial / artifacts.MARKER).exists()
+    size = f"size={int(checkpoint_mb * 4 * 1024)}k"
+    subprocess.run(["mount", "-o", f"remount,{size}", str(small_disk)], check=True)
+    assert _train(*args) == 0  # with room again, it resumes from step 2 and commits step 4
+    assert [d.name for d in artifacts.committed(out)] == ["step_00000002", "step_00000004"]

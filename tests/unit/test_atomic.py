@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from stages.atomic import LEFTOVER, atomic_path, remove_leftovers, write_bytes, write_text
+from stages.atomic import LEFTOVER, NoSpaceLeft, atomic_path, remove_leftovers, write_bytes, write_text
 
 
 def test_write_replaces_the_target_through_a_sibling_temporary_file(tmp_path):
@@ -46,3 +46,24 @@ def test_remove_leftovers_deletes_only_temporary_files(tmp_path):
     assert remove_leftovers(tmp_path) == 2
     assert not any(p.exists() for p in leftovers)
     assert all(p.exists() for p in keep) and (tmp_path / "dir.tmp-5-6").is_dir()
+
+
+def test_a_write_that_fills_the_disk_says_so_whatever_the_writer_reported(small_disk):
+    import torch
+
+    target = small_disk / "big.bin"
+    with pytest.raises(NoSpaceLeft, match=rf"^no space left on device writing {target} \(0\.0 MB free\)$"):
+        write_bytes(target, b"x" * (2 << 20))  # Python's own OSError(ENOSPC)
+    state = small_disk / "state.pt"
+    with pytest.raises(NoSpaceLeft, match=f"writing {state}"), atomic_path(state) as tmp:
+        torch.save({"w": torch.zeros(1 << 19)}, tmp)  # torch says only "unexpected pos"
+    assert list(small_disk.iterdir()) == []  # no temporary file left behind
+
+
+def test_other_write_errors_pass_unchanged(tmp_path):
+    with pytest.raises(ZeroDivisionError), atomic_path(tmp_path / "a"):
+        raise ZeroDivisionError
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_bytes(folder, b"x")
