@@ -73,7 +73,8 @@ EOF
   local py stamp want
   py="$(venv_python)"
   stamp="$VENV/.tessera-install"
-  want="$(cat "$ROOT/pyproject.toml" "$ROOT/launch.sh" | sha256sum | cut -c1-16) $TORCH_SPEC $EXTRAS"
+  # reinstall when the dependencies or this function change, not when another command of this file does
+  want="$({ cat "$ROOT/pyproject.toml"; declare -f setup; } | sha256sum | cut -c1-16) $TORCH_SPEC $EXTRAS"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     return 0
   fi
