@@ -6,8 +6,8 @@ What is re-sharded, and how:
   once (`stages.train.universal`, into `ds/universal/` beside it; every rank waits) and every rank loads
   its new partition from it. Why DeepSpeed's own format rather than a conversion of ours: it already
   re-partitions the fp32 master weights and Adam moments of ZeRO 1-3 and of the bf16 optimizer, for
-  any source and target size, and it is what DeepSpeed's engines read natively; a ZeRO-0 fp32 engine
-  (nothing partitioned) loads its state as saved.
+  any source and target size, and it is what DeepSpeed's engines read natively. A state with nothing
+  partitioned (ZeRO-0: one model-states file holding the optimizer too) loads as saved.
 - EMA: the saved per-rank EMAs (whole tensors, or under ZeRO-3 each rank's flat partition) are joined
   into whole tensors and cut again for this rank (`ema_for_rank`).
 - Loader: every old rank's position, re-mapped so that within the interrupted pass every sample is
@@ -37,17 +37,18 @@ UNIVERSAL = "universal"
 """The DeepSpeed tag (folder under `ds/`) of a step's universal checkpoint."""
 
 
-def needs_universal(engine: Any) -> bool:
-    """Whether the engine's optimizer state is partitioned over ranks (ZeRO 1-3, the bf16 optimizer),
-    so that another world size needs DeepSpeed's universal checkpoint to load it."""
-    return bool(engine.zero_optimization() or engine.bfloat16_enabled())
+def partitioned(directory: Path) -> bool:
+    """Whether the step's saved optimizer state is partitioned over ranks (ZeRO 1-3, DeepSpeed's bf16
+    optimizer: per-rank `*optim_states.pt` files), so that another world size needs DeepSpeed's
+    universal checkpoint to load it."""
+    return any((directory / "ds" / "state").glob("*optim_states.pt"))
 
 
 def load_engine(engine: Any, directory: Path, rank: int) -> tuple[str | None, dict[str, Any]]:
     """Collective: load the DeepSpeed state of committed `directory` into an engine of another world size
     (converted to a universal checkpoint first where the state is partitioned)."""
     ds = directory / "ds"
-    if not needs_universal(engine):
+    if not partitioned(directory):
         return engine.load_checkpoint(str(ds), tag="state")
     if rank == 0 and not (ds / UNIVERSAL).is_dir():
         _convert(ds)
@@ -110,11 +111,11 @@ def generator_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank) % (2**63)
 
 
-def resize_note(saved_world: int, world: int, zero_stage: int, partitioned: bool, batch: int) -> str:
-    """What a resume at another world size does, for the training plan."""
+def resize_note(directory: Path, saved_world: int, world: int, zero_stage: int, batch: int) -> str:
+    """What resuming committed `directory` at another world size does, for the training plan."""
     how = (
         f"DeepSpeed universal checkpoint (ZeRO-{zero_stage})"
-        if partitioned
+        if partitioned(directory)
         else "as saved (nothing partitioned)"
     )
     return (

@@ -176,7 +176,7 @@ class TrainingRun:
             self.step, state = checkpoint.load(self.engine, start, self.rank, self.world)
             resuming = f"\nresuming from {start} (step {self.step})"
             if "resized_from" in state:
-                resuming += "\n" + self._continue_resized(state)
+                resuming += "\n" + self._continue_resized(start, state)
             else:
                 checkpoint.set_rng_state(state["rng"], self.gen)
                 self.loader.load_state_dict(state["loader"])
@@ -187,7 +187,7 @@ class TrainingRun:
             print(format_training_plan(self.plan) + resuming, flush=True)
         self.batches = iter(self.loader)
 
-    def _continue_resized(self, state: dict) -> str:
+    def _continue_resized(self, start: Path, state: dict) -> str:
         """Take up a checkpoint of another world size (`stages/train/elastic.py`): the loader re-mapped,
         this rank's EMA cut from the saved ones, a fresh training generator; returns the plan's note."""
         self.loader.load_resized_state(state["loaders"])
@@ -195,10 +195,10 @@ class TrainingRun:
         self.ema.load(ema)
         self.gen.manual_seed(elastic.generator_seed(self.train_cfg.seed, self.step, self.rank))
         return elastic.resize_note(
+            start,
             state["resized_from"],
             self.world,
             self.cfg.parallel.zero_stage,
-            elastic.needs_universal(self.engine),
             self.cfg.data.batch_size * self.cfg.parallel.grad_accum,
         )
 
