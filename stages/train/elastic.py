@@ -63,9 +63,11 @@ def load_engine(engine: Any, directory: Path, rank: int) -> tuple[str | None, di
 
 
 def _convert(ds: Path) -> None:
-    """`ds/state` → `ds/universal`, written under a temporary name and renamed when complete."""
+    """`ds/state` → `ds/universal`, written under a temporary name and renamed when complete (rank 0,
+    under the run's folder lock: a leftover of an interrupted conversion is removed first)."""
+    for leftover in ds.glob(f"{UNIVERSAL}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     partial = ds / f"{UNIVERSAL}.tmp-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
     done = subprocess.run(
         [sys.executable, "-m", "stages.train.universal", str(ds / "state"), str(partial)],
         capture_output=True,
