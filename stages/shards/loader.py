@@ -16,6 +16,12 @@ served, which is all `ShardLoader.state_dict` needs. Resuming replays only the c
 sub-stream, reading the JSON members to rebuild buckets but decoding no patch arrays, and rotates the
 worker ids so torch's round-robin continues with the worker that was next.
 
+Resuming at another world size (`ShardLoader.load_resized_state`, `stages/shards/resize.py`): the new
+world's workers start over the epochs the old workers were in, skipping every sample the old world had
+yielded in them (found by replaying the old world's streams, which are pure functions of its settings),
+so within the interrupted pass every sample is seen once. The old worlds are kept in the state
+(`earlier`) until a later resize; a resize of a resized world replays both.
+
 Shard sources (docs/SHARDS.md): a directory, a brace pattern or a list of URLs — local paths,
 `file://`, `http(s)://` (read by `stages.shards.remote`, which resumes torn responses with `Range`
 requests under `RemoteSettings`), `pipe:COMMAND` (e.g. `pipe:aws s3 cp s3://bucket/shard.tar -`) and
@@ -46,6 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen_schemes, rewrite_url
 
 from configs.schema import RunConfig
+from stages.shards import resize
 from stages.shards.format import decode_meta, decode_sample, iter_tar_samples
 from stages.shards.remote import RemoteSettings, open_http
 
@@ -55,7 +62,8 @@ _STREAM_KIND = {"video": "video", "images": "image"}
 _STREAM_ID = {"video": 0, "images": 1}
 _MIX_ID = 2  # seeds the per-batch choice of kind, apart from the two shuffle streams
 _HTTP = ("http", "https")  # read by stages.shards.remote (resuming), not by webdataset's curl pipe
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+"""2 adds `earlier` (the worlds before a resize); format 1 states load as having none."""
 
 # --------------------------------------------------------------------------------------------------
 # Shard lists and safe opening
@@ -148,6 +156,11 @@ class Record:
     def shape(self) -> tuple[int, int, int]:
         """(T, H, W) of the sample: what its shape bucket is keyed by."""
         return self.meta["frames"], self.meta["height"], self.meta["width"]
+
+
+def record_id(record: Record) -> tuple[str, str]:
+    """What tells samples apart across shards: (shard file name, sample key)."""
+    return Path(urlparse(record.members["__url__"]).path).name, record.members["__key__"]
 
 
 def _to_record(raw: dict[str, Any]) -> Record:
@@ -282,6 +295,10 @@ class ShardStream(IterableDataset):
             raise ValueError(f"max_pending {s.max_pending} is below one full batch ({s.batch_size})")
         self.start = [initial_position() for _ in range(workers)]
         self.offset = 0
+        self.earlier: list[dict[str, Any]] = []
+        """Worlds this run had before a resize (`stages.shards.resize.past_world`): what they yielded in
+        the epochs they reached is skipped."""
+        self._seen_cache: dict[tuple[str, int], frozenset[tuple[str, str]]] = {}
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -328,7 +345,11 @@ class ShardStream(IterableDataset):
         while True:
             bucketer = Bucketer(self._capacity(name), self._item(name), s.max_pending * self._item(name))
             rng = np.random.default_rng([s.seed, epoch, s.rank, worker, _STREAM_ID[name]])
-            records = _shuffle(self._records(self._epoch_urls(epoch, g, total), name), s.shuffle_buffer, rng)
+            records = self._records(self._epoch_urls(epoch, g, total), name)
+            done = self.seen_before(name, epoch)
+            if done:
+                records = (r for r in records if record_id(r) not in done)
+            records = _shuffle(records, s.shuffle_buffer, rng)
             index = seen = 0
             for batches in _chain_flush(bucketer, records):
                 for batch in batches:
@@ -345,6 +366,39 @@ class ShardStream(IterableDataset):
                     f"epochs of its shards; image_fraction={s.image_fraction} needs both kinds"
                 )
             epoch += 1
+
+    def seen_before(self, name: str, epoch: int) -> frozenset[tuple[str, str]]:
+        """`record_id`s of the samples of kind `name` that the worlds before a resize yielded in their
+        `epoch` (empty when none of them reached it)."""
+        if (name, epoch) not in self._seen_cache:
+            seen: set[tuple[str, str]] = set()
+            for index, world in enumerate(self.earlier):
+                seen |= self._yielded(world, self.earlier[:index], name, epoch)
+            self._seen_cache[(name, epoch)] = frozenset(seen)
+        return self._seen_cache[(name, epoch)]
+
+    def _yielded(
+        self, world: dict[str, Any], before: list[dict[str, Any]], name: str, epoch: int
+    ) -> set[tuple[str, str]]:
+        """The samples of kind `name` that the past `world` (whose own past is `before`) yielded in
+        `epoch`: each of its logical workers' batches of that epoch up to its saved position."""
+        seen: set[tuple[str, str]] = set()
+        workers = max(1, world["num_workers"])
+        for g, position in enumerate(world["positions"]):
+            reached, count = position[name]
+            if reached < epoch:
+                continue
+            rank, worker = divmod(g, workers)
+            settings = dataclasses.replace(
+                self.settings, rank=rank, world_size=world["world_size"], num_workers=world["num_workers"]
+            )
+            past = ShardStream(self.urls, settings, self.remote)
+            past.earlier = before
+            for at, index, batch in past._stream_batches(name, worker, (epoch, 0)):
+                if at != epoch or (reached == epoch and index >= count):
+                    break
+                seen.update(record_id(r) for r in batch)
+        return seen
 
     def _records(self, urls: list[str], name: str) -> Iterator[Record]:
         kind = _STREAM_KIND[name]
@@ -561,11 +615,12 @@ class ShardLoader:
             "settings": self._fingerprint(),
             "last_worker": self._last_worker,
             "workers": [dict(p, video=list(p["video"]), images=list(p["images"])) for p in self._positions],
+            "earlier": self.dataset.earlier,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where `state` was taken; the settings and shard list must be the same."""
-        if state.get("format") != STATE_FORMAT:
+        if state.get("format") not in (1, STATE_FORMAT):
             raise ValueError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT}")
         mine, theirs = self._fingerprint(), state["settings"]
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -583,6 +638,18 @@ class ShardLoader:
             for p in state["workers"]
         ]
         self._last_worker = int(state["last_worker"])
+        self._set_earlier(state.get("earlier", []))
+
+    def load_resized_state(self, states: list[dict[str, Any]]) -> None:
+        """Continue the states of every rank of another world (in rank order, as `state_dict` gave them)
+        at this loader's world size: see the module docstring and `stages.shards.resize`."""
+        earlier, positions = resize.resized(states, self._fingerprint(), self.dataset.workers)
+        self._positions, self._last_worker = positions, -1
+        self._set_earlier(earlier)
+
+    def _set_earlier(self, earlier: list[dict[str, Any]]) -> None:
+        self.dataset.earlier = earlier
+        self.dataset._seen_cache = {}
 
     def _fingerprint(self) -> dict[str, Any]:
         settings = asdict(self.dataset.settings)

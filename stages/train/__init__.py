@@ -4,6 +4,7 @@ with an EMA, committed checkpoints with exact resume, metrics and previews.
 
     loop         the step loop                     trainer      the module DeepSpeed wraps, the EMA
     batches      batches at the training geometry  checkpoint   DeepSpeed state and per-rank state
+    elastic      resuming at another world size    universal    DeepSpeed's converter, loading safely
     sync         what the loop reads from the device, and when
     metrics      progress bar, metrics.jsonl, TensorBoard
     parallelize  activation checkpointing, compile, the DeepSpeed config

@@ -6,6 +6,8 @@ Layout of `train.out_dir/checkpoints/step_{step:08d}/`:
 - `rank_{r:05d}.pt`  rank r's RNG states (torch, CUDA, numpy, Python), training generator, loader
                      position and EMA weights: tensors, lists and numbers only, read with weights_only;
 - `config.yaml`, `meta.json` (step, world size, ZeRO stage, precision);
+- `ds/universal/`    made from `ds/state` when the run is resumed at another world size
+                     (`stages/train/elastic.py`);
 - `COMMITTED`        written by rank 0 after every rank has finished: resume only trusts directories that
                      have it, so a crash during a save never leaves training pointing at a partial one.
 
@@ -31,7 +33,7 @@ import torch.distributed as dist
 
 from stages.artifacts import MARKER, committed, step_dir
 from stages.atomic import NoSpaceLeft, reporting_full_disk, write_text
-from stages.train import ops
+from stages.train import elastic, ops
 
 
 def resolve_resume(out_dir: str | Path, resume: str) -> Path | None:
@@ -114,33 +116,46 @@ def _write(
 
 
 def load(engine: Any, directory: Path, rank: int, world_size: int) -> tuple[int, dict[str, Any]]:
-    """Restore the engine from a committed checkpoint; returns (step, this rank's state)."""
+    """Restore the engine from a committed checkpoint; returns (step, state). The state is this rank's
+    saved state, or, for a checkpoint of another world size (`stages.train.elastic`), {"resized_from":
+    saved world size, "loaders" and "emas": every old rank's, "zero3": whether the EMAs are ZeRO-3
+    partitions}."""
     if not (directory / MARKER).is_file():
         raise ValueError(f"{directory}: not a committed checkpoint")
     try:
         meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{directory}/meta.json: unreadable ({exc}); the checkpoint is corrupt") from exc
-    if meta.get("world_size") != world_size:
-        raise ValueError(
-            f"{directory}: saved with world size {meta.get('world_size')}, now {world_size}; exact resume "
-            "needs the same number of processes"
-        )
-    rank_file = directory / f"rank_{rank:05d}.pt"
-    if not rank_file.is_file():
-        raise ValueError(f"{directory}: missing {rank_file.name}; the checkpoint is corrupt")
+    saved_world = meta.get("world_size")
+    if not isinstance(saved_world, int) or saved_world < 1:
+        raise ValueError(f"{directory}/meta.json: world_size {saved_world!r} is not a positive integer")
+    resized = saved_world != world_size
+    rank_files = [directory / f"rank_{r:05d}.pt" for r in (range(saved_world) if resized else [rank])]
+    for rank_file in rank_files:
+        if not rank_file.is_file():
+            raise ValueError(f"{directory}: missing {rank_file.name}; the checkpoint is corrupt")
     engine.checkpoint_engine = safe_checkpoint_engine(engine.checkpoint_engine)
-    path, client = engine.load_checkpoint(str(directory / "ds"), tag="state")
+    if resized:
+        path, client = elastic.load_engine(engine, directory, rank)
+    else:
+        path, client = engine.load_checkpoint(str(directory / "ds"), tag="state")
     if path is None:
         raise ValueError(f"{directory}/ds: DeepSpeed could not load the checkpoint; it is corrupt")
     if ops.uses_fused_adam(client.get("ds_config", {})) and not ops.uses_fused_adam(engine.config):
         ops.adopt_fused_adam_steps(engine.optimizer)
-    state = load_tensors(rank_file)
     if client.get("step") != meta["step"]:
         raise ValueError(
             f"{directory}: DeepSpeed state is for step {client.get('step')}, meta for {meta['step']}"
         )
-    return int(meta["step"]), state
+    if not resized:
+        return int(meta["step"]), load_tensors(rank_files[0])
+    saved = [load_tensors(rank_file) for rank_file in rank_files]
+    return int(meta["step"]), {
+        "resized_from": saved_world,
+        "loaders": [state["loader"] for state in saved],
+        "emas": [state["ema"] for state in saved],
+        "zero3": meta.get("zero_stage") == 3,
+    }
 
 
 def load_tensors(path: str | Path, allowed: tuple[type, ...] = (), map_location: Any = "cpu") -> Any:
@@ -148,7 +163,9 @@ def load_tensors(path: str | Path, allowed: tuple[type, ...] = (), map_location:
     or holds other objects is a ValueError naming it."""
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            # torch.serialization.load is torch.load; named so because stages.train.universal swaps
+            # torch.load for this function while DeepSpeed's converter runs
+            return torch.serialization.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch reports a torn zip, a bad pickle and a refused class in many types
         # torch's paragraphs of advice come first; the unpickler's own words follow its marker
         text = str(err).rpartition("WeightsUnpickler error:")[2]
@@ -163,14 +180,19 @@ def load_tensors(path: str | Path, allowed: tuple[type, ...] = (), map_location:
         raise ValueError(f"{path}: unreadable ({reason}); the checkpoint is truncated or corrupt") from err
 
 
-def safe_checkpoint_engine(engine: Any) -> Any:
-    """Wrap a DeepSpeed checkpoint engine so `load` unpickles with weights_only=True."""
+def deepspeed_types() -> tuple[type, ...]:
+    """The non-tensor types in DeepSpeed's ZeRO 1-3 optimizer-state files (the loss scaler is saved even
+    in fp32): all that loading its files allows besides tensors and numbers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    # the non-tensor types in ZeRO 1-3 optimizer-state files (the loss scaler is saved even in fp32)
-    allowed = (ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address)
+    return ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address
+
+
+def safe_checkpoint_engine(engine: Any) -> Any:
+    """Wrap a DeepSpeed checkpoint engine so `load` unpickles with weights_only=True."""
+    allowed = deepspeed_types()
 
     def load(path: str, map_location: Any = None) -> Any:
         return load_tensors(path, allowed, map_location)

@@ -33,7 +33,7 @@ from stages.artifacts import export_weights, step_dir
 from stages.atomic import remove_leftovers
 from stages.folder_lock import FolderInUse, folder_lock
 from stages.precision import torch_dtype
-from stages.train import checkpoint
+from stages.train import checkpoint, elastic
 from stages.train.batches import check_shard_geometry, draw_noise, encode_frozen, fit_batch, sr_pair
 from stages.train.distributed import init_distributed
 from stages.train.ops import build_lock, run_time_builds, wait_for_build_locks
@@ -171,17 +171,36 @@ class TrainingRun:
         names (see `train`), if any; print the training plan."""
         check_shard_geometry(self.cfg)
         start = checkpoint.resolve_resume(self.out, resume)
+        resuming = ""
         if start is not None:
             self.step, state = checkpoint.load(self.engine, start, self.rank, self.world)
-            checkpoint.set_rng_state(state["rng"], self.gen)
-            self.loader.load_state_dict(state["loader"])
-            self.ema.load(state["ema"])
+            resuming = f"\nresuming from {start} (step {self.step})"
+            if "resized_from" in state:
+                resuming += "\n" + self._continue_resized(start, state)
+            else:
+                checkpoint.set_rng_state(state["rng"], self.gen)
+                self.loader.load_state_dict(state["loader"])
+                self.ema.load(state["ema"])
         self.result = TrainResult(step=self.step, checkpoint=start)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            resuming = f"\nresuming from {start} (step {self.step})" if start else ""
             print(format_training_plan(self.plan) + resuming, flush=True)
         self.batches = iter(self.loader)
+
+    def _continue_resized(self, start: Path, state: dict) -> str:
+        """Take up a checkpoint of another world size (`stages/train/elastic.py`): the loader re-mapped,
+        this rank's EMA cut from the saved ones, a fresh training generator; returns the plan's note."""
+        self.loader.load_resized_state(state["loaders"])
+        ema = elastic.ema_for_rank(state["emas"], state["zero3"], self.ema.params, self.rank, self.world)
+        self.ema.load(ema)
+        self.gen.manual_seed(elastic.generator_seed(self.train_cfg.seed, self.step, self.rank))
+        return elastic.resize_note(
+            start,
+            state["resized_from"],
+            self.world,
+            self.cfg.parallel.zero_stage,
+            self.cfg.data.batch_size * self.cfg.parallel.grad_accum,
+        )
 
     @contextmanager
     def holding_out_dir(self) -> Iterator[None]:
