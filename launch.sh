@@ -127,13 +127,32 @@ train() {
 }
 
 slurm() {
-  local opts=()
-  while [[ $# -gt 0 && "$1" != "--" ]]; do opts+=("$1"); shift; done
+  local opts=() output="runs/slurm-%j.out"  # the sbatch's --output, unless an option overrides it
+  while [[ $# -gt 0 && "$1" != "--" ]]; do
+    case "$1" in
+      --output=*) output="${1#--output=}" ;;
+      -o?*) output="${1#-o}" ;;
+      --output | -o) [[ $# -gt 1 ]] && output="$2" ;;
+    esac
+    opts+=("$1")
+    shift
+  done
   [[ "${1:-}" == "--" ]] && shift
   [[ $# -gt 0 ]] || die "usage: ./launch.sh slurm [SBATCH-OPTION...] -- CONFIG [key=value...]"
   command -v sbatch >/dev/null || die "sbatch not found: run this on a SLURM login node"
   setup
-  exec sbatch "${opts[@]}" "$ROOT/configs/slurm/train.sbatch" "$@"
+  # slurmd opens the output file before the job starts: in a missing folder the job fails at once and
+  # writes nothing anywhere the user looks
+  local folder
+  folder="$(dirname "$output")"
+  if [[ "$folder" != *%* ]]; then
+    mkdir -p "$folder" 2>/dev/null && [[ -w "$folder" ]] || die "cannot write the job's output folder $folder"
+  fi
+  local job
+  job="$(TESSERA_PYTHON="$(venv_python)" sbatch --parsable "${opts[@]}" "$ROOT/configs/slurm/train.sbatch" "$@")"
+  job="${job%%;*}"
+  echo "Submitted batch job $job"
+  echo "output: ${output//%j/$job}"
 }
 
 demo() {
