@@ -93,6 +93,11 @@ class Cluster:
         """What a client (sbatch, squeue, scontrol, launch.sh slurm) needs to talk to this cluster."""
         return {"SLURM_CONF": str(self.conf)}
 
+    def client(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        """A SLURM client command (squeue, scontrol, scancel...) against this cluster; its output as text."""
+        env = {**os.environ, **self.env}
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=30, check=check)
+
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
