@@ -2,8 +2,13 @@
 slurm.conf in a temporary folder, each by pid, and stopped by pid.
 
 Everything the daemons keep (munge key and socket, state, spool, logs, pid files) lives in that folder,
-and the ports are free ones picked on 127.0.0.1, so the cluster touches nothing of the machine's own
-SLURM or munge. Clients (sbatch, squeue, scontrol) find it through SLURM_CONF (`Cluster.env`).
+and the ports are free ones, so the cluster touches nothing of the machine's own SLURM or munge. Clients
+(sbatch, squeue, scontrol) find it through SLURM_CONF (`Cluster.env`).
+
+SLURM 22.05 has no setting for the address its daemons listen on (slurmctld, slurmd and srun bind every
+interface), so where the test may create a network namespace (root, as in CI) the cluster runs in one of
+its own whose only interface is the loopback: its daemons, the jobs' tasks and every client command
+(`Cluster.prefix`) see 127.0.0.1 and nothing else. Elsewhere it falls back to the host's network.
 """
 
 from __future__ import annotations
@@ -87,6 +92,8 @@ class Cluster:
     root: Path
     conf: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    prefix: list[str] = field(default_factory=list)
+    """What runs a command inside the cluster's network namespace (nsenter ...); empty: the host's."""
 
     @property
     def env(self) -> dict[str, str]:
@@ -96,7 +103,14 @@ class Cluster:
     def client(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
         """A SLURM client command (squeue, scontrol, scancel...) against this cluster; its output as text."""
         env = {**os.environ, **self.env}
-        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=30, check=check)
+        return subprocess.run(
+            [*self.prefix, *args], env=env, capture_output=True, text=True, timeout=30, check=check
+        )
+
+    def node_state(self) -> str:
+        """The node's state as sinfo names it (idle, allocated...); empty while slurmctld does not answer."""
+        result = self.client("sinfo", "-h", "-N", "-o", "%T")
+        return result.stdout.strip() if result.returncode == 0 else ""
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
@@ -104,7 +118,7 @@ class Cluster:
 
     def stop(self) -> None:
         """SIGTERM each daemon by pid (slurmd first), SIGKILL what is still running 10 s later."""
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in ("slurmd", "slurmctld", "munged", "netns"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -116,8 +130,22 @@ class Cluster:
                 proc.wait(timeout=10)
 
 
-def _run(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=30, **kw)
+def _loopback_namespace(cluster: Cluster) -> None:
+    """A network namespace held by a sleeping process (`procs["netns"]`), its loopback up; on success
+    `cluster.prefix` enters it. Without the privilege to create one, nothing changes."""
+    # the loopback's 192.0.2.1 (TEST-NET-1, in no other namespace): getaddrinfo(AI_ADDRCONFIG), with which
+    # the daemons pick their listening address, finds nothing where only 127.0.0.1 and ::1 are configured
+    setup = "ip link set lo up && ip addr add 192.0.2.1/32 dev lo && echo up && exec sleep infinity"
+    holder = subprocess.Popen(
+        ["unshare", "--net", "sh", "-c", setup],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )  # fmt: skip
+    if holder.stdout.readline().strip() != "up":
+        holder.kill()
+        holder.wait(timeout=10)
+        return
+    cluster.procs["netns"] = holder
+    cluster.prefix = ["nsenter", f"--net=/proc/{holder.pid}/ns/net", "--"]
 
 
 def start_cluster(root: Path, cpus: int = 2, timeout: float = 60.0) -> Cluster:
@@ -138,6 +166,8 @@ def start_cluster(root: Path, cpus: int = 2, timeout: float = 60.0) -> Cluster:
     env = {**os.environ, **cluster.env}
     sbin = "/usr/sbin"
     try:
+        if shutil.which("unshare") and shutil.which("nsenter") and shutil.which("ip", path="/usr/sbin:/sbin"):
+            _loopback_namespace(cluster)
         cluster.procs["munged"] = subprocess.Popen(
             [f"{sbin}/munged", "-F", "--force", f"--key-file={key}", f"--socket={munge_socket}",
              f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/munged.log",
@@ -150,19 +180,14 @@ def start_cluster(root: Path, cpus: int = 2, timeout: float = 60.0) -> Cluster:
             ("slurmd", [f"{sbin}/slurmd", "-D", "-N", "localhost", "-f", str(conf)]),
         ):
             cluster.procs[name] = subprocess.Popen(
-                args, env=env, stdout=(root / f"{name}.out").open("w"), stderr=subprocess.STDOUT,
-                start_new_session=True,
+                [*cluster.prefix, *args], env=env, stdout=(root / f"{name}.out").open("w"),
+                stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        _wait(lambda: _node_state(env) == "idle", timeout, "node localhost idle", cluster)
+        _wait(lambda: cluster.node_state() == "idle", timeout, "node localhost idle", cluster)
     except BaseException:
         cluster.stop()
         raise
     return cluster
-
-
-def _node_state(env: dict[str, str]) -> str:
-    result = _run(["sinfo", "-h", "-N", "-o", "%T"], env)
-    return result.stdout.strip() if result.returncode == 0 else ""
 
 
 def _wait(ready, timeout: float, what: str, cluster: Cluster) -> None:

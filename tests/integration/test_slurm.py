@@ -67,7 +67,7 @@ def _submit(cluster: Cluster, submit_dir: Path, options: list[str], *train_args:
     """`./launch.sh slurm OPTIONS -- ARGS` from `submit_dir`, a fresh folder (no runs/ yet)."""
     submit_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [str(ROOT / "launch.sh"), "slurm", *options, "--", *train_args],
+        [*cluster.prefix, str(ROOT / "launch.sh"), "slurm", *options, "--", *train_args],
         cwd=submit_dir, env=_env(cluster), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -156,8 +156,7 @@ def test_sigterm_before_the_limit_checkpoints_requeues_and_resumes_to_the_uninte
     assert 3 <= stopped < STEPS
     # SLURM holds a requeued job for about 2 minutes (its begin time) so that the node has revoked the
     # previous run's credential; release it once the node is idle and that revocation's second has passed
-    _wait(lambda: cluster.client("sinfo", "-h", "-N", "-o", "%T").stdout.strip() == "idle", 30, "idle node",
-          cluster, job)  # fmt: skip
+    _wait(lambda: cluster.node_state() == "idle", 30, "idle node", cluster, job)
     time.sleep(2)
     cluster.client("scontrol", "update", f"JobId={job.id}", "StartTime=now", check=True)
     state = _ended(cluster, job)
