@@ -188,3 +188,15 @@ def test_the_sbatch_gpu_defaults_stay_pending_on_a_cpu_node(cluster, tmp_path):
         assert _job(cluster, job)["JobState"] == "PENDING"
     finally:
         cluster.client("scancel", job.id)
+
+
+def test_the_cluster_listens_on_the_loopback_only(cluster):
+    """The daemons bind every interface (SLURM 22.05 has no bind setting): in the cluster's own network
+    namespace those are the loopback's addresses, and the host's network has no socket of theirs."""
+    if not cluster.prefix:
+        pytest.skip("no network namespace here (unshare --net needs root): the host network is used")
+    addresses = cluster.client("ip", "-o", "addr", check=True).stdout.splitlines()
+    assert addresses and all(line.split()[1] == "lo" for line in addresses), addresses
+    port = re.search(r"^SlurmctldPort=(\d+)$", cluster.conf.read_text(), re.M)[1]
+    host = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert f":{port} " not in host and cluster.client("ss", "-Hltn").stdout.count(f":{port} ") == 1
