@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -200,3 +201,22 @@ def test_the_cluster_listens_on_the_loopback_only(cluster):
     port = re.search(r"^SlurmctldPort=(\d+)$", cluster.conf.read_text(), re.M)[1]
     host = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, timeout=30, check=True).stdout
     assert f":{port} " not in host and cluster.client("ss", "-Hltn").stdout.count(f":{port} ") == 1
+
+
+def test_a_sigterm_to_one_rank_stops_both_after_the_same_step(cluster, shards, tmp_path):
+    """The ranks agree on a stop (stages/train/loop.py): a signal that reaches one rank only, as a late one
+    does for a moment, checkpoints both at the same step instead of leaving the other in a collective.
+    The batch shell got no signal, so the job ends COMPLETED, not requeued (docs/TRAINING.md)."""
+    out = tmp_path / "run"
+    job = _submit(cluster, tmp_path, CPU_NODE, *_training(shards, out))
+    _wait(lambda: _logged_steps(out) >= 3, 90, "3 logged steps", cluster, job)
+    listed = cluster.client("scontrol", "listpids", job.id).stdout.splitlines()  # PID JOB STEP LOCAL GLOBAL
+    (rank1,) = [int(row[0]) for row in map(str.split, listed[1:]) if row[2] == "0" and row[4] == "1"]
+    os.kill(rank1, signal.SIGTERM)
+    state = _ended(cluster, job, timeout=60)
+    text = job.text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "0", (state, text[-3000:])
+    (saved,) = artifacts.committed(out)
+    stopped = int(saved.name.removeprefix("step_"))
+    assert 3 <= stopped < STEPS and text.count(f"stopped by SIGTERM at step {stopped};") == 2, text[-3000:]
+    assert {p.name for p in saved.glob("rank_*.pt")} == {"rank_00000.pt", "rank_00001.pt"}
