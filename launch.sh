@@ -149,7 +149,8 @@ slurm() {
     mkdir -p "$folder" 2>/dev/null && [[ -w "$folder" ]] || die "cannot write the job's output folder $folder"
   fi
   local job
-  job="$(TESSERA_PYTHON="$(venv_python)" sbatch --parsable "${opts[@]}" "$ROOT/configs/slurm/train.sbatch" "$@")"
+  job="$(TESSERA_PYTHON="$(venv_python)" sbatch --parsable "${opts[@]}" "$ROOT/configs/slurm/train.sbatch" \
+    "$@")"
   job="${job%%;*}"
   echo "Submitted batch job $job"
   echo "output: ${output//%j/$job}"
