@@ -46,9 +46,11 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
     try:
         yield running
     finally:
-        running.client("scancel", "--full", "--user=root")
-        _wait(lambda: not _squeue(running), 30, "an empty queue", running)
-        running.stop()
+        try:  # no job left running training processes once the daemons are gone
+            running.client("scancel", "--full", "--user=root")
+            _wait(lambda: not _squeue(running), 30, "an empty queue", running)
+        finally:
+            running.stop()
 
 
 @pytest.fixture(scope="module")
