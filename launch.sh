@@ -33,7 +33,9 @@ Commands:
                      training on this machine (all GPUs, or NPROC_PER_NODE CPU processes), on several
                      machines (NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT, or HOSTFILE for the DeepSpeed
                      launcher); `./launch.sh python -m pipeline train CONFIG --ray` runs it on Ray Train
-  slurm [SBATCH-OPTION...] -- CONFIG [key=value...]   submit configs/slurm/train.sbatch
+  slurm [SBATCH-OPTION...] -- CONFIG [key=value...]   submit configs/slurm/train.sbatch (its 8-GPU lines
+                     are defaults: e.g. --gpus-per-node=0 --cpus-per-task=1 on CPU nodes); creates runs/
+                     and prints the job's output file; a SIGTERM'd job checkpoints and is requeued
   ray-head           start a Ray head here (dashboard on 127.0.0.1 unless RAY_DASHBOARD_HOST is set)
   ray-worker HEAD_ADDRESS   join this machine to a Ray cluster
   render --cascade FILE (--prompts FILE | --prompt TEXT...) --out DIR [--seed N] [--batch-size N] [--local]
