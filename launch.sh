@@ -33,7 +33,9 @@ Commands:
                      training on this machine (all GPUs, or NPROC_PER_NODE CPU processes), on several
                      machines (NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT, or HOSTFILE for the DeepSpeed
                      launcher); `./launch.sh python -m pipeline train CONFIG --ray` runs it on Ray Train
-  slurm [SBATCH-OPTION...] -- CONFIG [key=value...]   submit configs/slurm/train.sbatch
+  slurm [SBATCH-OPTION...] -- CONFIG [key=value...]   submit configs/slurm/train.sbatch (its 8-GPU lines
+                     are defaults: e.g. --gpus-per-node=0 --cpus-per-task=1 on CPU nodes); creates runs/
+                     and prints the job's output file; a SIGTERM'd job checkpoints and is requeued
   ray-head           start a Ray head here (dashboard on 127.0.0.1 unless RAY_DASHBOARD_HOST is set)
   ray-worker HEAD_ADDRESS   join this machine to a Ray cluster
   render --cascade FILE (--prompts FILE | --prompt TEXT...) --out DIR [--seed N] [--batch-size N] [--local]
@@ -127,13 +129,33 @@ train() {
 }
 
 slurm() {
-  local opts=()
-  while [[ $# -gt 0 && "$1" != "--" ]]; do opts+=("$1"); shift; done
+  local opts=() output="runs/slurm-%j.out"  # the sbatch's --output, unless an option overrides it
+  while [[ $# -gt 0 && "$1" != "--" ]]; do
+    case "$1" in
+      --output=*) output="${1#--output=}" ;;
+      -o?*) output="${1#-o}" ;;
+      --output | -o) [[ $# -gt 1 ]] && output="$2" ;;
+    esac
+    opts+=("$1")
+    shift
+  done
   [[ "${1:-}" == "--" ]] && shift
   [[ $# -gt 0 ]] || die "usage: ./launch.sh slurm [SBATCH-OPTION...] -- CONFIG [key=value...]"
   command -v sbatch >/dev/null || die "sbatch not found: run this on a SLURM login node"
   setup
-  exec sbatch "${opts[@]}" "$ROOT/configs/slurm/train.sbatch" "$@"
+  # slurmd opens the output file before the job starts: in a missing folder the job fails at once and
+  # writes nothing anywhere the user looks
+  local folder
+  folder="$(dirname "$output")"
+  if [[ "$folder" != *%* ]]; then
+    mkdir -p "$folder" 2>/dev/null && [[ -w "$folder" ]] || die "cannot write the job's output folder $folder"
+  fi
+  local job
+  job="$(TESSERA_PYTHON="$(venv_python)" sbatch --parsable "${opts[@]}" "$ROOT/configs/slurm/train.sbatch" \
+    "$@")"
+  job="${job%%;*}"
+  echo "Submitted batch job $job"
+  echo "output: ${output//%j/$job}"
 }
 
 demo() {

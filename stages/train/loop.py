@@ -161,8 +161,12 @@ class TrainingRun:
         """The last step, while its gradient-norm verdict is still on the device."""
         self.preview_clips: Batch | None = None
         """The run's first batch: what super-resolution previews upsample."""
+        self.sigterm = False
+        """This process got a SIGTERM. The ranks stop together (`stop_requested`): a rank that stopped on
+        its own signal while another, signalled a moment later, began one more step would deadlock both."""
         self.stop_requested = False
-        """A SIGTERM arrived: stop after the current step, checkpoint and return."""
+        """Some rank got a SIGTERM by this step's loss check: every rank finishes the same step, checkpoints
+        and returns."""
 
     # ---- around the steps --------------------------------------------------------------------------
 
@@ -225,7 +229,7 @@ class TrainingRun:
 
     @contextmanager
     def stop_on_sigterm(self) -> Iterator[None]:
-        """While open, SIGTERM sets `stop_requested`. Python takes signal handlers only on the main
+        """While open, SIGTERM sets `sigterm`. Python takes signal handlers only on the main
         thread; a launcher that runs train() on another thread (Ray Train) handles SIGTERM itself, by
         restarting from the last committed checkpoint."""
         on_main = threading.current_thread() is threading.main_thread()
@@ -237,7 +241,7 @@ class TrainingRun:
                 signal.signal(signal.SIGTERM, previous)
 
     def _request_stop(self, *_: object) -> None:
-        self.stop_requested = True
+        self.sigterm = True
 
     def open_metrics(self, progress: bool) -> None:
         """The progress bar, metrics.jsonl and TensorBoard log, counting from the start step."""
@@ -339,12 +343,16 @@ class TrainingRun:
 
     def _loss_is_nonfinite(self, loss: Tensor) -> bool:
         """Whether `loss` is non-finite on some rank: the micro-batch's one wait for the device, which
-        also brings the pending step's gradient-norm verdict and settles it."""
+        also brings the pending step's gradient-norm verdict and settles it, and whether some rank got a
+        SIGTERM (a NaN flag), which sets `stop_requested` on every rank at the same step."""
+        signalled = torch.tensor(float("nan") if self.sigterm else 0.0)
         if self.pending is None:
-            return nonfinite([loss])[0]
-        loss_bad, grad_bad = nonfinite([loss, self.pending.grad_norm])
-        self.settle(self.pending, grad_bad=grad_bad)
-        self.pending = None
+            loss_bad, stop = nonfinite([loss, signalled])
+        else:
+            loss_bad, grad_bad, stop = nonfinite([loss, self.pending.grad_norm, signalled])
+            self.settle(self.pending, grad_bad=grad_bad)
+            self.pending = None
+        self.stop_requested = self.stop_requested or stop
         return loss_bad
 
     def settle(self, record: StepRecord, grad_bad: bool) -> None:
