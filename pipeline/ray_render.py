@@ -24,7 +24,6 @@ from torch import Tensor
 from pipeline.ray_cluster import ensure_ray
 from stages.render import ExecutorFactory, StageItem, StageRunner, StageSpec, timed_run
 
-
 RESTARTS = 3
 """How often a stage actor is restarted (and its batch retried) after dying, e.g. with its node."""
 

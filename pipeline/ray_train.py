@@ -8,14 +8,15 @@ reuses that group.
 Failures: when a worker dies or raises (its node lost included), Ray Train tears the whole group down
 and starts a new one (up to `max_failures` times). Every restarted worker calls `train(resume="auto")`,
 which continues from the newest committed checkpoint in `train.out_dir` with exact resume, so a
-restart loses at most `train.checkpoint_every` steps. Ray learns that an attempt has begun from a marker checkpoint that rank
-0 reports before training (`ray.train.get_checkpoint()` is then set in every later attempt); the
-model's own checkpoints never go through Ray. A new group waits at most `wait_for_workers_s` for its
-workers' resources (e.g. for a lost node to come back, or behind another training); then the run fails
-with WorkersUnavailable, which names what it waited for, instead of waiting on.
+restart loses at most `train.checkpoint_every` steps. Ray learns that an attempt has begun from a
+marker checkpoint that rank 0 reports before training (`ray.train.get_checkpoint()` is then set in
+every later attempt); the model's own checkpoints never go through Ray. A new group waits at most
+`wait_for_workers_s` for its workers' resources (e.g. for a lost node to come back, or behind another
+training); then the run fails with WorkersUnavailable, which names what it waited for, instead of
+waiting on.
 
 Placement: each rank prints one line, `[ray_train] rank R of W on node NODE_ID`, which reaches the
-driver's output.
+driver's output (Ray folds such lines of several workers into one unless RAY_DEDUP_LOGS=0).
 
 Storage: `train.out_dir` holds the checkpoints and Ray Train's run folder (`out_dir/ray/<run name>`).
 On a multi-node cluster it must be shared storage (NFS, Lustre, a mounted bucket) that every node sees

@@ -42,8 +42,12 @@ def free_port() -> int:
 
 def node_env() -> dict[str, str]:
     """The environment of the cluster's nodes and drivers: this checkout's code, no other Ray's address."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    return {**env, **FAST_HEALTH_CHECKS, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    }
+    # every rank's placement line reaches the driver (Ray folds lines alike across workers by default)
+    extra = {"PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+    return {**env, **FAST_HEALTH_CHECKS, **extra}
 
 
 def _ports(*names: str) -> list[str]:
@@ -115,18 +119,20 @@ class TwoNodeCluster:
                     found.update({child.pid: child for child in proc.children(recursive=True)})
         return list(found.values())
 
-    def kill_worker(self) -> float:
-        """SIGKILL the worker node's raylet, then what else that node started; returns the time."""
+    def kill_worker(self) -> list[str]:
+        """SIGKILL the worker node's raylet, then what else that node started; returns their names
+        (a Ray worker's is its process title, e.g. `ray::_StageActor.run`)."""
         raylet = next(pid for pid, node in self.raylet_nodes().items() if node == self.worker_node)
         node = psutil.Process(raylet)
         doomed = [node, *node.children(recursive=True)]
         doomed += [psutil.Process(pid) for pid in self.worker_pids if psutil.pid_exists(pid)]
-        killed = time.time()
+        names = []
         for proc in doomed:
             with contextlib.suppress(psutil.Error):
+                names.append(proc.name())
                 proc.send_signal(signal.SIGKILL)
         self.worker_node, self.worker_pids = "", set()
-        return killed
+        return names
 
     def ensure_worker(self) -> None:
         """Start a fresh worker node unless one is up."""
