@@ -25,10 +25,12 @@ The head's dashboard binds to 127.0.0.1 unless `RAY_DASHBOARD_HOST` says otherwi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 
 _INIT = threading.Lock()
 
@@ -131,11 +133,12 @@ def agree_on_auth() -> str:
     module docstring), so that a head, its workers and its drivers on machines with the same token
     agree; returns the mode."""
     if AUTH_MODE not in os.environ:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
+        from ray._private.authentication import authentication_token_setup
+        from ray._raylet import AuthenticationTokenLoader
 
-        if not maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+        if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+            authentication_token_setup._enable_token_auth()  # the variable, and Ray's cached config
+        else:
             os.environ[AUTH_MODE] = "disabled"
     return os.environ[AUTH_MODE]
 
@@ -157,13 +160,29 @@ def check_cluster(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     from ray.exceptions import AuthenticationError
 
     try:
-        GcsClient(address=address)
+        with _quiet_stderr():
+            GcsClient(address=address)
     except AuthenticationError:
         raise ClusterUnreachable(
             f"the Ray cluster at {address} refused this process's authentication "
             f"({AUTH_MODE}={os.environ.get(AUTH_MODE, 'disabled')}): use the head's token here "
             "(copy its ~/.ray/auth_token, or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and its mode"
         ) from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for a moment: Ray's C++ client logs each refused attempt there
+    itself, around the one line the caller prints."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"

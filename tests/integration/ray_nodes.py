@@ -4,6 +4,10 @@ Both nodes are on 127.0.0.1 (distinct raylets, as Ray's own multi-node tests run
 temp dir under /tmp (short: AF_UNIX socket paths are limited to 107 bytes), on free ports. Every
 process of the cluster is found by that temp dir in its command line or as a raylet's descendant and
 killed by pid: `ray stop` would stop every Ray on the machine.
+
+Authentication: the cluster has its own token file (RAY_AUTH_TOKEN_PATH, no RAY_AUTH_MODE), so the head
+turns token auth on by Ray's rule, and workers and drivers must agree by the same rule
+(`pipeline.ray_cluster.agree_on_auth`), whatever ~/.ray holds on the machine.
 """
 
 from __future__ import annotations
@@ -42,9 +46,8 @@ def free_port() -> int:
 
 def node_env() -> dict[str, str]:
     """The environment of the cluster's nodes and drivers: this checkout's code, no other Ray's address."""
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    }
+    own = ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+    env = {k: v for k, v in os.environ.items() if k not in own}
     # every rank's placement line reaches the driver (Ray folds lines alike across workers by default)
     extra = {"PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
     return {**env, **FAST_HEALTH_CHECKS, **extra}
@@ -62,7 +65,18 @@ class TwoNodeCluster:
         self.temp = Path(tempfile.mkdtemp(prefix="tn", dir="/tmp"))
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**node_env(), "RAY_TMPDIR": str(self.temp), "RAY_PORT": str(self.port)}
+        from ray._private.authentication.authentication_token_generator import (
+            generate_new_authentication_token,
+        )
+
+        token = self.temp / "auth_token"
+        token.write_text(generate_new_authentication_token())
+        self.env = {
+            **node_env(),
+            "RAY_TMPDIR": str(self.temp),
+            "RAY_PORT": str(self.port),
+            "RAY_AUTH_TOKEN_PATH": str(token),
+        }
         self.head_node = ""
         self.worker_node = ""
         self.worker_pids: set[int] = set()

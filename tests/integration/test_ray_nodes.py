@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from stages import artifacts
 from tests import ROOT
-from tests.integration.ray_nodes import TwoNodeCluster
+from tests.integration.ray_nodes import TwoNodeCluster, free_port
 from tests.integration.training_data import GEOMETRY, make_training_shards
 from tests.render_fixtures import VIDEO_STAGES, build_cascade
 
@@ -130,6 +130,52 @@ def test_both_nodes_listen_on_loopback_only(cluster):
         n == "gcs_server" for n, _ in listening
     )
     assert [entry for entry in listening if entry[1] not in LOOPBACK] == []
+
+
+def test_the_head_runs_with_token_auth(cluster):
+    head = next(p for p in cluster.processes() if p.name() == "gcs_server")
+    assert head.environ().get("RAY_AUTH_MODE") == "token"
+
+
+@pytest.mark.parametrize(
+    ("auth", "says"),
+    [
+        ({"RAY_AUTH_MODE": "disabled"}, "refused this process's authentication (RAY_AUTH_MODE=disabled)"),
+        ({"RAY_AUTH_TOKEN": "not-the-token"}, "refused this process's authentication (RAY_AUTH_MODE=token)"),
+        ({"RAY_PORT": "0"}, "no Ray cluster answers at 127.0.0.1:"),
+    ],
+    ids=["no-auth", "wrong-token", "no-head"],
+)
+def test_a_worker_that_cannot_join_says_why_at_once(cluster, auth, says):
+    address = f"127.0.0.1:{free_port()}" if "RAY_PORT" in auth else cluster.address
+    started = time.monotonic()
+    done = subprocess.run(
+        [ROOT / "launch.sh", "ray-worker", address, "--num-cpus=1"],
+        env={**cluster.env, **auth},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and says in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().count("\n") == 0 and time.monotonic() - started < 20
+    assert len(cluster.raylet_nodes()) == 2  # nothing joined
+
+
+def test_a_driver_given_an_unreachable_address_fails_in_one_line(cluster, tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    train = ["train", str(ROOT / "configs/tiny.yaml"), f"train.out_dir={tmp_path}", "--ray", "--quiet"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", *train, "--address", address],
+        cwd=ROOT,
+        env={**cluster.env, "RAY_ADDRESS": cluster.address},  # the explicit address wins
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (
+        done.stderr.startswith(f"error: no Ray cluster answers at {address}") and done.stderr.count("\n") == 1
+    )
 
 
 def test_training_places_one_worker_on_each_node_and_commits(cluster, uninterrupted):
