@@ -391,8 +391,7 @@ class PipelineTrainingConfig:
     gpus_per_worker: float = 0.0
     """GPUs per worker (0 on CPU machines)."""
     wait_for_workers_s: float = 600.0
-    """Seconds a worker group waits for its resources (a lost node's return, other trainings) before the
-    training fails, naming what it waited for."""
+    """Seconds a new worker group may wait for its resources (e.g. a lost node) before the training fails."""
 
 
 @dataclass
