@@ -209,17 +209,19 @@ def test_a_lost_worker_node_restarts_training_from_the_last_checkpoint(
 
 
 def test_training_without_room_after_a_lost_node_fails_in_bounded_time(cluster, shards, tmp_path):
-    out = tmp_path / "run"
-    proc = _train(cluster, shards, out, "--wait-for-workers-s", "5")
-    _when(lambda: bool(artifacts.committed(out)), proc)
-    killed = time.time()
-    cluster.kill_worker()  # and not replaced: one CPU left for two 1-CPU workers
+    """The worker node is lost before the run starts (killing it mid-run, measured at 9 s from the kill
+    to the failure, costs the 30 s of a run's start up to its first checkpoint): the group, two 1-CPU
+    workers, no longer fits on the one CPU left, and the run fails after --wait-for-workers-s."""
+    cluster.kill_worker()
+    started = time.monotonic()
+    proc = _train(cluster, shards, tmp_path / "run", "--wait-for-workers-s", "5")
     log = _finish(proc, timeout=90)
-    took = time.time() - killed
+    took = time.monotonic() - started
     assert proc.returncode == 1, log[-3000:]
     message = "Ray could not place 2 training workers (1 CPU each) within 5 s (the cluster has 1 CPU"
     assert message in log, log[-3000:]
-    assert took < 45, f"{took:.0f} s from the lost node to the failure"
+    assert took < 40, f"{took:.0f} s to the failure"
+    assert artifacts.committed(tmp_path / "run") == []
 
 
 def test_preprocess_with_a_lost_worker_node_writes_the_uninterrupted_shards(cluster, shards, tmp_path):
