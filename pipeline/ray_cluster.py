@@ -10,8 +10,9 @@ all interfaces; what keeps it on loopback is Ray's single-machine switch, `LOOPB
 A cluster (`launch.sh ray-head` / `ray-worker`, both `pipeline.ray_start`) may be on loopback too: a
 head started with `--node-ip-address=127.0.0.1` and workers joining `127.0.0.1:PORT` are several nodes
 of one machine, every socket on 127.0.0.1 (`loopback_cluster_node`; tests/integration/test_ray_nodes.py).
-A driver given such an address stays on loopback as well, instead of Ray's rewriting it to the routable
-address where nothing listens.
+A driver given 127.0.0.1:PORT of such a cluster stays on loopback as well, instead of Ray's rewriting
+the address to the routable one, where nothing listens (a head on the routable address may still be
+given as 127.0.0.1:PORT on its machine: Ray's rewriting is right for it).
 
 Authentication: every node and driver picks Ray's token mode by one rule, Ray's own for a head
 (`agree_on_auth`): RAY_AUTH_MODE when set, else token auth when a token is available (RAY_AUTH_TOKEN,
@@ -67,7 +68,7 @@ def ensure_ray(address: str | None = None, dashboard: bool = False, num_cpus: in
 
 def _init(address: str | None, dashboard: bool, num_cpus: int | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if not address or is_loopback(address_host(address)):
+    if not address:
         _loopback_only()
     import ray
 
@@ -75,7 +76,9 @@ def _init(address: str | None, dashboard: bool, num_cpus: int | None) -> None:
         return
     if address:
         agree_on_auth()
-        check_cluster(address)
+        nodes = check_cluster(address)
+        if is_loopback(address_host(address)) and LOCALHOST in nodes:
+            _loopback_only()  # a loopback cluster: this driver's node address is 127.0.0.1 too
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(
@@ -143,11 +146,12 @@ def agree_on_auth() -> str:
     return os.environ[AUTH_MODE]
 
 
-def check_cluster(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Raise ClusterUnreachable, in one line, when no Ray head answers at `address` within `timeout_s`
-    or when it refuses this process's authentication; Ray itself retries either for minutes."""
+def check_cluster(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> list[str]:
+    """The node addresses of the Ray cluster at `address`. Raises ClusterUnreachable, in one line, when
+    no Ray head answers there within `timeout_s` or when it refuses this process's authentication; Ray
+    itself retries either for minutes."""
     if "://" in address:  # ray:// (Ray Client) goes through its own server
-        return
+        return []
     try:
         port = int(address.rpartition(":")[2])
         socket.create_connection((address_host(address), port), timeout=timeout_s).close()
@@ -161,13 +165,14 @@ def check_cluster(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 
     try:
         with _quiet_stderr():
-            GcsClient(address=address)
+            client = GcsClient(address=address)
     except AuthenticationError:
         raise ClusterUnreachable(
             f"the Ray cluster at {address} refused this process's authentication "
             f"({AUTH_MODE}={os.environ.get(AUTH_MODE, 'disabled')}): use the head's token here "
             "(copy its ~/.ray/auth_token, or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and its mode"
         ) from None
+    return [node.node_manager_address for node in client.get_all_node_info(timeout=timeout_s).values()]
 
 
 @contextlib.contextmanager

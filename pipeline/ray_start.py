@@ -1,6 +1,6 @@
 """`ray start` for `launch.sh ray-head` / `ray-worker`: Ray's own command, with three differences.
 
-- A node given `--node-ip-address=127.0.0.1` (a worker joining `127.0.0.1:PORT` gets it implied) stays
+- A node given `--node-ip-address=127.0.0.1` (implied for a worker joining a loopback head) stays
   on loopback, with every socket on 127.0.0.1, so several nodes of one cluster run on one machine
   (`ray_cluster.loopback_cluster_node`); Ray alone rewrites 127.0.0.1 to the routable address, where a
   loopback head does not listen, and retries that for minutes.
@@ -45,19 +45,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--head" not in argv and not address:
         print("ray_start: give --head, or --address HOST:PORT of a head", file=sys.stderr)
         return 2
-    node_ip = _option(argv, "--node-ip-address")
-    if node_ip is None and address and is_loopback(address_host(address)):
-        node_ip = LOCALHOST
-        argv.append(f"--node-ip-address={LOCALHOST}")
-    if node_ip is not None and is_loopback(node_ip):
-        loopback_cluster_node()
     agree_on_auth()
+    nodes: list[str] = []
     if address and "--head" not in argv:
         try:
-            check_cluster(address)
+            nodes = check_cluster(address)
         except ClusterUnreachable as err:
             print(f"ray-worker: {err}", file=sys.stderr)
             return 2
+    node_ip = _option(argv, "--node-ip-address")
+    if node_ip is None and address and is_loopback(address_host(address)) and LOCALHOST in nodes:
+        node_ip = LOCALHOST  # joining a loopback head
+        argv.append(f"--node-ip-address={LOCALHOST}")
+    if node_ip is not None and is_loopback(node_ip):
+        loopback_cluster_node()
     from ray.scripts.scripts import main as ray_main
 
     sys.argv = ["ray", "start", *argv]
