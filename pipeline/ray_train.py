@@ -12,8 +12,8 @@ restart loses at most `train.checkpoint_every` steps. Ray learns that an attempt
 marker checkpoint that rank 0 reports before training (`ray.train.get_checkpoint()` is then set in
 every later attempt); the model's own checkpoints never go through Ray. A new group waits at most
 `wait_for_workers_s` for its workers' resources (e.g. for a lost node to come back, or behind another
-training); then the run fails with WorkersUnavailable, which names what it waited for, instead of
-waiting on.
+training), and is tried `1 + max_failures` times; then the run fails with WorkersUnavailable, which
+names what it waited for, instead of waiting on.
 
 Placement: each rank prints one line, `[ray_train] rank R of W on node NODE_ID`, which reaches the
 driver's output (Ray folds such lines of several workers into one unless RAY_DEDUP_LOGS=0).
@@ -147,7 +147,8 @@ def ray_train(
     """Train on Ray: `workers` ranks (`cpus_per_worker` CPUs, which Ray also makes each worker's thread
     count, and `gpus_per_worker` GPUs each; the defaults are a pipeline training's,
     `PipelineTrainingConfig`), restarted from the newest committed checkpoint up to `max_failures` times
-    when a worker fails; each group waits at most `wait_for_workers_s` for its resources.
+    when a worker fails; each group waits at most `wait_for_workers_s` for its resources (and a group
+    that cannot start is tried as often).
 
     resume: as for `train`, for the first attempt; restarts always use "auto". address: a Ray cluster
     (else $RAY_ADDRESS, else an in-process Ray). worker_fn: the function each worker runs, `train`
@@ -197,8 +198,11 @@ def ray_train(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(storage),
-            # a group that cannot start in time ends the run (Ray retries that forever by default)
-            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=0),
+            # a group that cannot start (in time) is retried as often as a failed one, not forever, as
+            # Ray would: a restart right after a node loss may still be placed on the lost node
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures, controller_failure_limit=max_failures
+            ),
         ),
     )
     try:
@@ -208,9 +212,9 @@ def ray_train(
             raise
         each = ", ".join(f"{v:g} {k}" for k, v in resources.items())
         raise WorkersUnavailable(
-            f"Ray could not place {workers} training workers ({each} each) within {wait_for_workers_s:g} s "
-            f"(the cluster has {_alive_resources()} on its alive nodes): add or free resources, or wait "
-            "longer with --wait-for-workers-s / trainings.NAME.wait_for_workers_s"
+            f"Ray could not place {workers} training workers ({each} each) within {wait_for_workers_s:g} s, "
+            f"{max_failures + 1} times (the cluster has {_alive_resources()} on its alive nodes): add or "
+            "free resources, or wait longer with --wait-for-workers-s / trainings.NAME.wait_for_workers_s"
         ) from None
     if isinstance(outcome, NonFiniteError):
         raise outcome
