@@ -391,7 +391,7 @@ class PipelineTrainingConfig:
     gpus_per_worker: float = 0.0
     """GPUs per worker (0 on CPU machines)."""
     wait_for_workers_s: float = 600.0
-    """Seconds a new worker group may wait for its resources (e.g. a lost node) before the training fails."""
+    """Seconds each start of a worker group waits for its resources; 4 such starts fail the training."""
 
 
 @dataclass
