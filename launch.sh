@@ -36,8 +36,10 @@ Commands:
   slurm [SBATCH-OPTION...] -- CONFIG [key=value...]   submit configs/slurm/train.sbatch (its 8-GPU lines
                      are defaults: e.g. --gpus-per-node=0 --cpus-per-task=1 on CPU nodes); creates runs/
                      and prints the job's output file; a SIGTERM'd job checkpoints and is requeued
-  ray-head           start a Ray head here (dashboard on 127.0.0.1 unless RAY_DASHBOARD_HOST is set)
-  ray-worker HEAD_ADDRESS   join this machine to a Ray cluster
+  ray-head [RAY-START-OPTION...]   start a Ray head here (dashboard on 127.0.0.1 unless RAY_DASHBOARD_HOST
+                     is set; --node-ip-address=127.0.0.1 keeps the cluster on loopback, for one machine)
+  ray-worker HEAD_ADDRESS [RAY-START-OPTION...]   join this machine to a Ray cluster (a 127.0.0.1
+                     address joins on loopback); auth as the head's: RAY_AUTH_MODE, else token if one exists
   render --cascade FILE (--prompts FILE | --prompt TEXT...) --out DIR [--seed N] [--batch-size N] [--local]
                      offline rendering through a cascade (one Ray actor per stage; --plan [--json] prints
                      the stages' shapes and costs without loading weights); rerun the same command to resume
@@ -182,15 +184,15 @@ case "$cmd" in
   preprocess | synth | run | status) setup; exec "$(venv_python)" -m pipeline "$cmd" "$@" ;;
   train) train "$@" ;;
   slurm) slurm "$@" ;;
-  ray-head)
+  ray-head)  # pipeline/ray_start.py: `ray start`, kept on loopback with --node-ip-address=127.0.0.1
     setup
-    exec "$VENV/bin/ray" start --head --port "${RAY_PORT:-6379}" \
+    exec "$(venv_python)" -m pipeline.ray_start --head --port "${RAY_PORT:-6379}" \
       --dashboard-host "${RAY_DASHBOARD_HOST:-127.0.0.1}" "$@"
     ;;
   ray-worker)
-    [[ $# -ge 1 ]] || die "usage: ./launch.sh ray-worker HEAD_ADDRESS (host:port of ./launch.sh ray-head)"
+    [[ $# -ge 1 ]] || die "usage: ./launch.sh ray-worker HEAD_ADDRESS [RAY-START-OPTION...] (host:port of ray-head)"
     setup
-    exec "$VENV/bin/ray" start --address "$@"
+    exec "$(venv_python)" -m pipeline.ray_start --address "$@"
     ;;
   render | upscale) setup; exec "$(venv_python)" -m pipeline "$cmd" "$@" ;;
   -h | --help | help) usage ;;

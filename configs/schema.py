@@ -390,6 +390,8 @@ class PipelineTrainingConfig:
     """CPUs Ray reserves per worker (also its torch thread count)."""
     gpus_per_worker: float = 0.0
     """GPUs per worker (0 on CPU machines)."""
+    wait_for_workers_s: float = 600.0
+    """Seconds each start of a worker group waits for its resources; 4 such starts fail the training."""
 
 
 @dataclass

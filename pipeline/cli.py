@@ -133,6 +133,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_output_folder(cfg.train.out_dir, "train.out_dir")
     from stages.train import NonFiniteError
 
+    failures: tuple[type[Exception], ...] = (NonFiniteError, NoSpaceLeft)
+    if args.ray:
+        from pipeline.ray_train import WorkersUnavailable
+
+        failures = (*failures, WorkersUnavailable)
     try:
         if args.ray:
             from pipeline.ray_train import ray_train
@@ -144,12 +149,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 cpus_per_worker=args.cpus_per_worker,
                 gpus_per_worker=args.gpus_per_worker,
+                wait_for_workers_s=args.wait_for_workers_s,
             )
         else:
             from stages.train import train
 
             result = train(cfg, resume=args.resume, progress=not args.quiet)
-    except (NonFiniteError, NoSpaceLeft) as err:
+    except failures as err:
         print(f"error: {err}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:  # caught here so that a rank still leaves its process group below
@@ -365,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=training.gpus_per_worker,
         help="GPUs per Ray Train worker (--ray; default %(default)s)",
+    )
+    p.add_argument(
+        "--wait-for-workers-s",
+        type=float,
+        default=training.wait_for_workers_s,
+        help="seconds a worker group may wait for its resources, then the run fails (--ray; %(default)s)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)

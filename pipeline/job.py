@@ -310,6 +310,7 @@ class PipelineJob:
                     workers=t.workers,
                     cpus_per_worker=t.cpus_per_worker,
                     gpus_per_worker=t.gpus_per_worker,
+                    wait_for_workers_s=t.wait_for_workers_s,
                 )
             finally:
                 stop.set()

@@ -9,6 +9,10 @@ work on prompt 1 and the base on prompt 2. Outputs come back to the driver, whic
 Devices: with GPUs in the cluster each actor asks for one (`num_gpus=1`); with fewer GPUs than stages
 they share them (`num_gpus = GPUs / stages`), so a one-GPU machine still runs the whole cascade; on a
 CPU-only cluster actors take no GPU and use Ray's default actor CPU accounting.
+
+Nodes: the actors spread over the cluster's nodes, and an actor lost with its node restarts on another
+(up to `RESTARTS` times) where its pending batch runs again; the driver still writes each output
+once, so a render survives a lost node with every prompt rendered exactly once.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from torch import Tensor
 
 from pipeline.ray_cluster import ensure_ray
 from stages.render import ExecutorFactory, StageItem, StageRunner, StageSpec, timed_run
+
+RESTARTS = 3
+"""How often a stage actor is restarted (and its batch retried) after dying, e.g. with its node."""
 
 
 class _StageActor:
@@ -56,9 +63,14 @@ class RayExecutor:
 
     def _actor(self, stage: int) -> Any:
         if stage not in self.actors:
-            remote = self.ray.remote(_StageActor)
+            options: dict[str, Any] = {
+                "max_restarts": RESTARTS,
+                "max_task_retries": RESTARTS,
+                "scheduling_strategy": "SPREAD",
+            }
             if self.num_gpus > 0:
-                remote = remote.options(num_gpus=self.num_gpus)
+                options["num_gpus"] = self.num_gpus
+            remote = self.ray.remote(_StageActor).options(**options)
             self.actors[stage] = remote.remote(self.specs[stage])
         return self.actors[stage]
 

@@ -199,9 +199,14 @@ def test_ray_train_worker_defaults_are_a_pipeline_trainings():
     from pipeline.cli import build_parser
     from pipeline.ray_train import ray_train
 
-    names = ("workers", "cpus_per_worker", "gpus_per_worker")
+    names = ("workers", "cpus_per_worker", "gpus_per_worker", "wait_for_workers_s")
     expected = {name: getattr(PipelineTrainingConfig(), name) for name in names}
-    assert expected == {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0.0}
+    assert expected == {
+        "workers": 1,
+        "cpus_per_worker": 1,
+        "gpus_per_worker": 0.0,
+        "wait_for_workers_s": 600.0,
+    }
     args = build_parser().parse_args(["train", "configs/tiny.yaml", "--ray"])
     assert {name: getattr(args, name) for name in names} == expected
     signature = inspect.signature(ray_train).parameters

@@ -40,3 +40,38 @@ def test_loopback_switch_is_the_variable_and_constant_ray_reads():
     assert ray_cluster.LOOPBACK_ONLY == ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
     assert isinstance(ray_constants.ENABLE_RAY_CLUSTER, bool)
     assert "ray_constants.ENABLE_RAY_CLUSTER" in inspect.getsource(services.get_node_ip_address)
+
+
+def test_loopback_cluster_node_patches_the_function_ray_start_rewrites_addresses_with():
+    from ray._private import services
+    from ray.scripts import scripts
+
+    start = inspect.getsource(scripts.start.callback)
+    assert "services.resolve_ip_for_localhost(node_ip_address)" in start
+    assert "resolve_ip_for_localhost(host)" in inspect.getsource(services.canonicalize_bootstrap_address)
+    assert "if not ray_constants.ENABLE_RAY_CLUSTER:" in start  # its refusal to join a head
+
+
+def test_auth_names_are_rays():
+    from ray._private.authentication import authentication_token_setup
+    from ray._raylet import AuthenticationTokenLoader
+
+    assert ray_cluster.AUTH_MODE == authentication_token_setup.AUTH_MODE_ENV_VAR
+    assert callable(authentication_token_setup._enable_token_auth)
+    assert isinstance(AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True), bool)
+
+
+def test_a_worker_group_start_timeout_is_a_controller_failure_ray_retries_by_its_limit():
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2._internal.execution.failure_handling import default
+
+    assert WorkerGroupStartupTimeoutError in default.RETRYABLE_CONTROLLER_ERRORS
+    assert "controller_failure_limit" in inspect.getsource(default.DefaultFailurePolicy.make_decision)
+
+
+@pytest.mark.parametrize(
+    ("address", "host"),
+    [("127.0.0.1:6379", "127.0.0.1"), ("ray://head:10001", "head"), ("[::1]:6379", "::1"), ("h.x:1", "h.x")],
+)
+def test_address_host(address, host):
+    assert ray_cluster.address_host(address) == host
