@@ -386,6 +386,8 @@ class PipelineTrainingConfig:
     """Run-config YAML files and key=value overrides, in order; data.shards and train.out_dir are set."""
     workers: int = 1
     """Ray Train workers (ranks) of this training (the default of `train --ray --workers` too)."""
+    min_workers: int = 0
+    """Elastic if 0 < it < workers: a group restarted after a failure may have this few ranks; 0: fixed."""
     cpus_per_worker: int = 1
     """CPUs Ray reserves per worker (also its torch thread count)."""
     gpus_per_worker: float = 0.0

@@ -293,6 +293,11 @@ def _validate_pipeline(p: PipelineConfig) -> None:
         for field in ("workers", "cpus_per_worker"):
             check_positive(f"trainings.{name}.{field}", getattr(t, field))
         check_positive(f"trainings.{name}.gpus_per_worker", t.gpus_per_worker, allow_zero=True)
+        if not 0 <= t.min_workers <= t.workers:
+            raise ValueError(
+                f"trainings.{name}.min_workers: {t.min_workers}; expected 0 (fixed size) up to workers "
+                f"({t.workers})"
+            )
     if p.cascade and not p.prompts:
         raise ValueError("prompts: empty; a pipeline with a cascade needs at least one prompt to render")
     if any(not text.strip() for text in p.prompts):

@@ -147,6 +147,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 resume=args.resume,
                 address=args.address,
                 workers=args.workers,
+                min_workers=args.min_workers,
                 cpus_per_worker=args.cpus_per_worker,
                 gpus_per_worker=args.gpus_per_worker,
                 wait_for_workers_s=args.wait_for_workers_s,
@@ -359,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=training.workers,
         help="Ray Train workers, one rank each (--ray; default %(default)s: pass --workers N for more)",
+    )
+    p.add_argument(
+        "--min-workers",
+        type=int,
+        default=training.min_workers,
+        help="elastic: after a failure continue with as few as this many workers, resuming at that world "
+        "size (--ray; default %(default)s: always --workers)",
     )
     p.add_argument(
         "--cpus-per-worker",

@@ -308,6 +308,7 @@ class PipelineJob:
                     resume="auto",
                     address=self.address,
                     workers=t.workers,
+                    min_workers=t.min_workers,
                     cpus_per_worker=t.cpus_per_worker,
                     gpus_per_worker=t.gpus_per_worker,
                     wait_for_workers_s=t.wait_for_workers_s,

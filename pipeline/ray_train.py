@@ -138,6 +138,7 @@ def ray_train(
     resume: str = "auto",
     address: str | None = None,
     workers: int = PipelineTrainingConfig.workers,
+    min_workers: int = PipelineTrainingConfig.min_workers,
     cpus_per_worker: int = PipelineTrainingConfig.cpus_per_worker,
     gpus_per_worker: float = PipelineTrainingConfig.gpus_per_worker,
     wait_for_workers_s: float = PipelineTrainingConfig.wait_for_workers_s,
@@ -148,7 +149,10 @@ def ray_train(
     count, and `gpus_per_worker` GPUs each; the defaults are a pipeline training's,
     `PipelineTrainingConfig`), restarted from the newest committed checkpoint up to `max_failures` times
     when a worker fails; each group waits at most `wait_for_workers_s` for its resources (and a group
-    that cannot start is tried as often).
+    that cannot start is tried as often). With 0 < `min_workers` < `workers` the group is elastic: a
+    restarted group takes the workers the cluster can place, at least `min_workers`, and every rank
+    resumes the last checkpoint at that world size (`stages/train/elastic.py`); Ray grows the group
+    again, from the last checkpoint, when resources return.
 
     resume: as for `train`, for the first attempt; restarts always use "auto". address: a Ray cluster
     (else $RAY_ADDRESS, else an in-process Ray). worker_fn: the function each worker runs, `train`
@@ -165,6 +169,8 @@ def ray_train(
         raise RuntimeError(f"ray_train needs the Ray Train V2 API: unset {RAY_TRAIN_V2}=0")
     if workers < 1 or cpus_per_worker < 1:
         raise ValueError(f"workers={workers}, cpus_per_worker={cpus_per_worker}: need at least 1 of each")
+    if not 0 <= min_workers <= workers:
+        raise ValueError(f"min_workers={min_workers}: expected 0 (fixed size) up to workers={workers}")
     if 0 < gpus_per_worker < 1 and workers > 1:
         raise ValueError(
             f"gpus_per_worker={gpus_per_worker}: nccl needs a whole GPU per rank (use 0 for CPU, or >= 1)"
@@ -191,7 +197,7 @@ def ray_train(
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers,
+            num_workers=(min_workers, workers) if 0 < min_workers < workers else workers,
             use_gpu=use_gpu,
             resources_per_worker=resources,
         ),
@@ -211,8 +217,9 @@ def ray_train(
         if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
             raise
         each = ", ".join(f"{v:g} {k}" for k, v in resources.items())
+        needed = min_workers if 0 < min_workers < workers else workers
         raise WorkersUnavailable(
-            f"Ray could not place {workers} training workers ({each} each) within {wait_for_workers_s:g} s, "
+            f"Ray could not place {needed} training workers ({each} each) within {wait_for_workers_s:g} s, "
             f"{max_failures + 1} times (the cluster has {_alive_resources()} on its alive nodes): add or "
             "free resources, or wait longer with --wait-for-workers-s / trainings.NAME.wait_for_workers_s"
         ) from None

@@ -1,7 +1,8 @@
 """A Ray cluster of two nodes on this machine (`launch.sh ray-head` + `ray-worker 127.0.0.1:PORT`) and
 the pipeline's jobs on it, with the worker node's raylet killed mid-job: training restarts from the
-last checkpoint to the uninterrupted run's weights (or, with no room left, fails in bounded time),
-preprocessing writes the uninterrupted job's shards, rendering finishes every prompt once."""
+last checkpoint to the uninterrupted run's weights (elastic, it continues on the node that remains;
+with no room left, it fails in bounded time), preprocessing writes the uninterrupted job's shards,
+rendering finishes every prompt once."""
 
 from __future__ import annotations
 
@@ -206,6 +207,26 @@ def test_a_lost_worker_node_restarts_training_from_the_last_checkpoint(
     assert {node for _, node in PLACED.findall(log)} == {cluster.head_node, lost, cluster.worker_node}
     ours, theirs = _ema(out), _ema(ref)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_an_elastic_training_continues_on_the_node_that_remains(cluster, shards, tmp_path):
+    """--min-workers 1: the group restarted after the worker node is lost (and not replaced) has one
+    rank, which resumes the two-rank checkpoint at world size 1 and finishes. Ray's first restart may
+    still count the lost node's CPU and wait for two workers: a short --wait-for-workers-s ends that."""
+    out = tmp_path / "run"
+    proc = _train(cluster, shards, out, "--min-workers", "1", "--wait-for-workers-s", "5")
+    _when(lambda: bool(artifacts.committed(out)), proc)
+    lost = cluster.worker_node
+    assert any(name.startswith("ray::RayTrainWorker") for name in cluster.kill_worker())
+    at_kill = artifacts.committed(out)
+    log = _finish(proc)
+    assert proc.returncode == 0, log[-3000:]
+    assert artifacts.step_dir(out, STEPS) not in at_kill, "the run ended before its worker node was lost"
+    assert "resized from world size 2 to 1" in log, log[-3000:]
+    final = artifacts.step_dir(out, STEPS)
+    assert json.loads((final / "meta.json").read_text())["world_size"] == 1
+    assert set(re.findall(r"\[ray_train\] rank 0 of 1 on node ([0-9a-f]+)", log)) == {cluster.head_node}
+    assert lost != cluster.head_node
 
 
 def test_training_without_room_after_a_lost_node_fails_in_bounded_time(cluster, shards, tmp_path):
