@@ -340,8 +340,9 @@ def test_steps_settled_on_the_next_sync_match_steps_settled_at_once(shards, tmp_
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[every] = result, out, lines, list(checks)
     (at_once, out1, lines1, checks1), (deferred, out4, lines4, checks4) = runs[1], runs[4]
-    assert checks1 == [1] * 9  # 8 loss checks and the checkpoint's weight check
-    assert checks4 == [1, 2, 2, 2, 1, 2, 2, 2, 1]  # steps 4 and 8 are log lines: settled at once
+    # each loss check also carries the ranks' SIGTERM flag; then the checkpoint's weight check
+    assert checks1 == [2] * 8 + [1]
+    assert checks4 == [2, 3, 3, 3, 2, 3, 3, 3, 1]  # steps 4 and 8 are log lines: settled at once
 
     assert at_once.skipped == deferred.skipped == 1 and np.isnan(deferred.losses[2])
     assert np.array_equal(at_once.losses, deferred.losses, equal_nan=True)
