@@ -85,15 +85,17 @@ def train(
         run.start(resume)
         run.open_metrics(progress)
         try:
-            while run.step < train_cfg.steps and not run.stop_requested:
-                run.optimizer_step()
-                if train_cfg.preview_every and run.step % train_cfg.preview_every == 0:
-                    run.previews()
-                if run.step % train_cfg.checkpoint_every == 0 or run.step == train_cfg.steps:
-                    run.save()
-            run.settle_pending()  # a step a SIGTERM left pending
-            if run.stop_requested:
-                run.save_on_preemption()
+            with run.watching_peers() as progressed:
+                while run.step < train_cfg.steps and not run.stop_requested:
+                    run.optimizer_step()
+                    if train_cfg.preview_every and run.step % train_cfg.preview_every == 0:
+                        run.previews()
+                    if run.step % train_cfg.checkpoint_every == 0 or run.step == train_cfg.steps:
+                        run.save()
+                    progressed(run.step)
+                run.settle_pending()  # a step a SIGTERM left pending
+                if run.stop_requested:
+                    run.save_on_preemption()
         finally:
             run.metrics.close()
         return run.finish()
@@ -118,7 +120,7 @@ class TrainingRun:
 
         self.cfg, self.fault = cfg, fault
         self.train_cfg = train_cfg = cfg.train
-        self.rank, self.world, local = init_distributed()
+        self.rank, self.world, local = init_distributed(cfg.parallel.collective_timeout_s)
         self.device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
         self.out = Path(train_cfg.out_dir)
         self.zero3 = cfg.parallel.zero_stage == 3
@@ -216,6 +218,29 @@ class TrainingRun:
         finally:
             if on_main:
                 signal.signal(signal.SIGTERM, previous)
+
+    @contextmanager
+    def watching_peers(self) -> Iterator[Callable[[int], None]]:
+        """While open, a step watchdog (`stages/train/watchdog.py`) exits this process, naming the lost
+        ranks, when no step finished within parallel.collective_timeout_s or a collective raised; yields
+        the call that marks a finished step. Only for a multi-process world this process joined on its
+        main thread: Ray Train (a worker thread) owns its process group and restarts lost workers itself."""
+        from stages.train.watchdog import StepWatchdog
+
+        on_main = threading.current_thread() is threading.main_thread()
+        timeout = self.cfg.parallel.collective_timeout_s
+        watchdog = StepWatchdog.from_env(self.rank, self.world, timeout) if on_main else None
+        if watchdog is None:
+            yield lambda step: None
+            return
+        watchdog.progress(self.step)
+        try:
+            yield watchdog.progress
+        except RuntimeError as err:  # gloo and NCCL raise RuntimeErrors (DistBackendError among them)
+            watchdog.fail(err)
+            raise
+        finally:
+            watchdog.stop()
 
     def _request_stop(self, *_: object) -> None:
         self.stop_requested = True
