@@ -22,6 +22,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+STARTUP_GRACE_S = 300.0
+"""The least process-group timeout (see `init_distributed`)."""
+
 PR_SET_PDEATHSIG = 1
 """prctl(2) option: the signal this process gets when the thread that started it exits."""
 
@@ -48,8 +51,11 @@ def init_distributed(timeout_s: float = ParallelConfig.collective_timeout_s) -> 
     builds no op (`stages.train.ops.skip_shared_memory_comm`).
 
     timeout_s (parallel.collective_timeout_s): the process group's timeout, how long a gloo or NCCL
-    collective waits for a peer before it raises (NCCL: with its async error handling, torch's default).
-    A launcher-spawned rank also dies with its launcher (`die_with_launcher`)."""
+    collective waits for a peer before it raises (NCCL: with its async error handling, torch's default),
+    but at least `STARTUP_GRACE_S`: ranks start up (imports, engine build, checkpoint loading) less in step
+    than they train, and a collective of that phase must not give up on a slower peer. In the training
+    loop the step watchdog (`stages/train/watchdog.py`) enforces `timeout_s` itself. A launcher-spawned
+    rank also dies with its launcher (`die_with_launcher`)."""
     import deepspeed
 
     from stages.train.ops import skip_shared_memory_comm
@@ -61,7 +67,7 @@ def init_distributed(timeout_s: float = ParallelConfig.collective_timeout_s) -> 
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        timeout = timedelta(seconds=timeout_s)
+        timeout = timedelta(seconds=max(timeout_s, STARTUP_GRACE_S))
         if "RANK" in env:
             die_with_launcher()
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout)

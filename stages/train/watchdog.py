@@ -18,12 +18,15 @@ interpreter's teardown (which would wait on the stuck collective), so the launch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 
@@ -64,6 +67,8 @@ class StepWatchdog:
         )
         self.step = 0
         self.last_progress = time.monotonic()
+        self.armed = False
+        """Whether the stall check runs: from the training loop's start on (`progress`)."""
         self.beats = 0
         self.store.set(f"node/{rank}", node_id())
         self._beat()
@@ -74,8 +79,9 @@ class StepWatchdog:
 
     @classmethod
     def from_env(cls, rank: int, world: int, timeout_s: float) -> StepWatchdog | None:
-        """A started watchdog for a multi-process world whose launcher gave MASTER_ADDR/MASTER_PORT; None
-        for a world of one."""
+        """A started (beating, not yet armed) watchdog for a multi-process world whose launcher gave
+        MASTER_ADDR/MASTER_PORT; None for a world of one. Start it right after joining the world: a peer
+        that is still starting up beats as "starting", and the others wait for it instead of naming it."""
         env = os.environ
         if world < 2 or "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
             return None
@@ -84,8 +90,9 @@ class StepWatchdog:
         return watchdog
 
     def progress(self, step: int) -> None:
-        """A step (or a checkpoint of it) finished on this rank."""
-        self.step, self.last_progress = step, time.monotonic()
+        """The training loop started at `step`, or step `step` (and its checkpoint) finished on this rank;
+        arms the stall check."""
+        self.step, self.last_progress, self.armed = step, time.monotonic(), True
 
     def stop(self) -> None:
         """Training ended on this rank: no more stall checks (a peer may finish later)."""
@@ -101,25 +108,40 @@ class StepWatchdog:
 
     def _beat(self) -> None:
         self.beats += 1
-        self.store.set(f"beat/{self.rank}", f"{self.beats} {self.step}")
+        phase = "training" if self.armed else "starting"
+        self.store.set(f"beat/{self.rank}", f"{self.beats} {self.step} {phase}")
 
     def _run(self) -> None:
         while not self._stop.wait(self.beat_s):
-            try:
-                if not self.nodes:
-                    self.nodes = {r: self.store.get(f"node/{r}").decode() for r in range(self.world)}
-                self._beat()
-            except Exception:  # the store stopped answering: only the stall check below can tell
-                pass
+            if not self.nodes:
+                self.nodes = self._bounded(self._read_nodes) or {}
+            self._bounded(self._beat)  # a store that stopped answering: only the stall check below can tell
             stalled = time.monotonic() - self.last_progress
-            if stalled > self.timeout_s and not self._stop.is_set():
+            if self.armed and stalled > self.timeout_s and not self._stop.is_set():
                 self._lost(f"no training step finished within {self.timeout_s:g} s after step {self.step}")
 
+    def _read_nodes(self) -> dict[int, str]:
+        return {r: self.store.get(f"node/{r}").decode() for r in range(self.world)}
+
+    def _bounded(self, call: Callable[[], Any]) -> Any:
+        """`call()`'s result, or None when it raised or the store did not answer within two beats (a
+        TCPStore call to a frozen server can outlast the client's own timeout, so it runs on a thread of
+        its own that is given up on)."""
+        found: list[Any] = []
+
+        def run() -> None:
+            with contextlib.suppress(Exception):
+                found.append(call())
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout=max(1.0, 2 * self.beat_s) + 0.5)
+        return found[0] if found else None
+
     def _read_beats(self) -> dict[int, str] | None:
-        try:
-            return {r: self.store.get(f"beat/{r}").decode() for r in range(self.world) if r != self.rank}
-        except Exception:
-            return None
+        """Every peer's heartbeat, or None when the store does not answer."""
+        peers = [r for r in range(self.world) if r != self.rank]
+        return self._bounded(lambda: {r: self.store.get(f"beat/{r}").decode() for r in peers})
 
     def _lost(self, why: str, only_if_lost: bool = False) -> None:
         """Print one line naming the ranks that stopped beating, then leave the process. With
@@ -137,6 +159,10 @@ class StepWatchdog:
         else:
             lost = sorted(r for r in first if first[r] == second[r])
             detail = f"no heartbeat for {3 * self.beat_s:g} s"
+            if not lost and any(value.split()[2] == "starting" for value in second.values()):
+                self.last_progress = time.monotonic()  # a peer still starts up (loads a checkpoint): wait
+                self._exiting.release()
+                return
             if not lost:  # every peer beats: the one that is stuck is the one furthest behind
                 steps = {r: int(value.split()[1]) for r, value in second.items()}
                 behind = min(steps.values())
