@@ -112,10 +112,7 @@ def reference(shards, tmp_path_factory):
         deadline = time.monotonic() + 60
         while not any(c.laddr.port == pair.port for c in listening) and time.monotonic() < deadline:
             listening = [
-                conn
-                for node in pair.nodes
-                for process in node.processes()
-                for conn in _listening(process)
+                conn for node in pair.nodes for process in node.processes() for conn in _listening(process)
             ]
             time.sleep(0.05)
         codes = pair.wait_all()
@@ -142,7 +139,9 @@ def test_two_nodes_train_with_the_store_on_master_addr_and_omp_threads(reference
     assert threads == [str(max(1, cpus // 2))] * 2  # both nodes on this machine share its CPUs
 
 
-def test_a_frozen_node_is_named_and_a_relaunch_resumes_to_the_same_weights(shards, tmp_path, pairs, reference):
+def test_a_frozen_node_is_named_and_a_relaunch_resumes_to_the_same_weights(
+    shards, tmp_path, pairs, reference
+):
     out = tmp_path / "run"
     pair = pairs(shards, out, tmp_path / "frozen")
     _wait_committed(out, 2, pair)
@@ -189,7 +188,7 @@ def test_a_killed_launcher_takes_its_worker_and_the_other_node_down(shards, tmp_
     workers = killed.workers()
     tick = time.monotonic()
     killed.agent.send_signal(signal.SIGKILL)  # the agent only: its workers are in sessions of their own
-    gone, alive = psutil.wait_procs(workers, timeout=5)
+    _, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive, f"orphaned workers train on: {alive}"
     code = survivor.wait(timeout=60)
     took = time.monotonic() - tick

@@ -5,6 +5,7 @@ process group is not the whole node)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -58,10 +59,8 @@ class Node:
 
     def signal_all(self, sig: signal.Signals) -> None:
         for process in self.processes():
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 process.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)
@@ -74,10 +73,8 @@ class Node:
         left = self.processes()
         for sig in (signal.SIGCONT, signal.SIGKILL):
             for process in left:
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):
                     process.send_signal(sig)
-                except psutil.NoSuchProcess:
-                    pass
         self.proc.wait(timeout=30)
         psutil.wait_procs(left, timeout=10)
 
