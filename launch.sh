@@ -134,7 +134,7 @@ train_hostfile() {
   local bin="$VENV/bin" envfile
   [[ -f "$HOSTFILE" ]] || die "HOSTFILE: $HOSTFILE is not a file (expected lines 'HOST slots=N')"
   envfile="$(mktemp "${TMPDIR:-/tmp}/tessera-ds-env.XXXXXX")"
-  trap 'rm -f "$envfile"' EXIT
+  trap "rm -f '$envfile'" EXIT  # expanded now: the local is gone when the trap runs
   {
     local name="${DS_ENV_FILE:-.deepspeed_env}"  # where DeepSpeed looks: ~/NAME and ./NAME
     [[ -f "$HOME/$name" ]] && cat "$HOME/$name"
