@@ -51,7 +51,10 @@ Environment knobs (defaults in brackets):
   PYTHON [python3]  VENV [.venv]  TORCH_SPEC [torch==2.13.0]  TORCH_INDEX_URL []
   EXTRAS [test]  LINT [1]
   train: NPROC_PER_NODE [GPUs, or 1 without]  NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]
-         MASTER_PORT [29500]  HOSTFILE []   ray-head: RAY_PORT [6379]  RAY_DASHBOARD_HOST [127.0.0.1]
+         MASTER_PORT [29500]  OMP_NUM_THREADS [CPUs / training processes on this machine]
+         HOSTFILE [] (DeepSpeed launcher over ssh/pdsh; with it: MASTER_ADDR [first host's `hostname -I`]
+         SSH_PORT [ssh's own]  DS_ENV_FILE [~/.deepspeed_env, ./.deepspeed_env])
+  ray-head: RAY_PORT [6379]  RAY_DASHBOARD_HOST [127.0.0.1]
 Extra arguments to `test` go to pytest, e.g. the fast tier: ./launch.sh test -m "not slow and not integration"
 
 On a CPU-only machine the CPU torch build is installed first so nothing pulls CUDA wheels: set
@@ -114,19 +117,58 @@ lint() {
   (cd "$ROOT" && "$py" -m ruff check . && "$py" -m ruff format --check .)
 }
 
+# OMP threads of each training process when the user set none: this machine's CPUs (`nproc`, which
+# honours affinity and cgroup limits) over the training processes it runs, NPROC_PER_NODE, times NNODES
+# when MASTER_ADDR is a loopback address (every node is then on this machine). torchrun itself only sets 1,
+# and only for NPROC_PER_NODE > 1; with one process per node nothing did and nodes sharing a machine
+# oversubscribed it.
+omp_threads() {
+  local procs=$1 nodes=$2 cpus
+  cpus="$(nproc 2>/dev/null || echo 1)"
+  case "${MASTER_ADDR:-127.0.0.1}" in
+    127.* | localhost | ::1) procs=$((procs * nodes)) ;;
+  esac
+  echo $((cpus / procs > 0 ? cpus / procs : 1))
+}
+
+# The DeepSpeed launcher over ssh/pdsh to every host of HOSTFILE. The remote side gets TORCH_EXTENSIONS_DIR,
+# the virtualenv's PATH and OMP_NUM_THREADS (when set) through a DS_ENV_FILE that also carries the user's
+# own ~/.deepspeed_env and ./.deepspeed_env lines (DeepSpeed itself forwards PYTHON* variables).
+train_hostfile() {
+  local bin="$VENV/bin" envfile
+  [[ -f "$HOSTFILE" ]] || die "HOSTFILE: $HOSTFILE is not a file (expected lines 'HOST slots=N')"
+  envfile="$(mktemp "${TMPDIR:-/tmp}/tessera-ds-env.XXXXXX")"
+  trap "rm -f '$envfile'" EXIT  # expanded now: the local is gone when the trap runs
+  {
+    local name="${DS_ENV_FILE:-.deepspeed_env}"  # where DeepSpeed looks: ~/NAME and ./NAME
+    [[ -f "$HOME/$name" ]] && cat "$HOME/$name"
+    [[ -f "$name" && "$PWD" != "$HOME" ]] && cat "$name"
+    echo "TORCH_EXTENSIONS_DIR=$TORCH_EXTENSIONS_DIR"
+    echo "PATH=$bin:$PATH"
+    [[ -n "${OMP_NUM_THREADS:-}" ]] && echo "OMP_NUM_THREADS=$OMP_NUM_THREADS"
+    true
+  } > "$envfile"
+  local opts=(--hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}")
+  [[ -n "${MASTER_ADDR:-}" ]] && opts+=(--master_addr "$MASTER_ADDR")
+  [[ -n "${SSH_PORT:-}" ]] && opts+=(--ssh_port "$SSH_PORT")
+  DS_ENV_FILE="$envfile" "$bin/deepspeed" "${opts[@]}" --module pipeline train "$@"
+}
+
 train() {
   setup
   local bin="$VENV/bin"
   if [[ -n "${HOSTFILE:-}" ]]; then  # DeepSpeed launcher: ssh/pdsh to every host of the hostfile
-    exec "$bin/deepspeed" --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" \
-      --module pipeline train "$@"
+    train_hostfile "$@"
+    return
   fi
   local nproc="${NPROC_PER_NODE:-}"
   if [[ -z "$nproc" ]]; then
     nproc="$("$bin/python" -c 'import torch; print(torch.cuda.device_count() or 1)')"
   fi
-  exec "$bin/torchrun" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$nproc" \
-    --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(omp_threads "$nproc" "${NNODES:-1}")}"
+  # torchrun whose rendezvous store listens on MASTER_ADDR only (stages/train/torchrun.py)
+  exec "$bin/python" -m stages.train.torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
+    --nproc_per_node "$nproc" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
     -m pipeline train "$@"
 }
 

@@ -267,6 +267,8 @@ class ParallelConfig:
     """Keep optimizer state on the CPU (ZeRO-Offload)."""
     deepspeed_config: str = ""
     """Optional user DeepSpeed JSON, checked against this config."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective or a training step may wait for a peer before this rank names it and exits."""
 
 
 @dataclass

@@ -234,6 +234,7 @@ def _validate_parallel(p: ParallelConfig) -> None:
         raise ValueError(f"parallel.zero_stage: got {p.zero_stage}, expected 0, 1, 2 or 3")
     check_choices(p, "parallel")
     check_positive("parallel.grad_accum", p.grad_accum)
+    check_positive("parallel.collective_timeout_s", p.collective_timeout_s)
 
 
 def validate_render(r: RenderConfig) -> None:

@@ -323,7 +323,13 @@ def _render_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    # allow_abbrev=False: the commands' own options (render's --local) must not read as --local_rank
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
+    # The DeepSpeed launcher starts `python -m pipeline --local_rank=N train ...`; LOCAL_RANK, which it
+    # also sets, is what training reads (stages.train.init_distributed).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("config", help="print the resolved config as YAML with its fingerprint")
     p.add_argument("config", nargs="*", help="YAML files and key=value overrides, in order")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from configs.schema import ParallelConfig
 
 
 def _free_port() -> int:
@@ -17,11 +22,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, int]:
+STARTUP_GRACE_S = 300.0
+"""The least process-group timeout (see `init_distributed`)."""
+
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal this process gets when the thread that started it exits."""
+
+
+def die_with_launcher() -> None:
+    """Linux: SIGKILL this process when its launcher (torchrun's agent, the DeepSpeed launcher) dies, so
+    that a killed launcher leaves no orphaned rank training on; torchrun starts its workers in sessions
+    of their own, so nothing else reaches them. Exits at once when the launcher is already gone (the
+    process was re-parented to init). Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if os.getppid() == 1:
+        print("error: the launcher of this rank is gone; not starting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def init_distributed(timeout_s: float = ParallelConfig.collective_timeout_s) -> tuple[int, int, int]:
     """(rank, world size, local rank) from the launcher's environment (RANK/WORLD_SIZE/LOCAL_RANK and
     MASTER_ADDR/PORT, as torchrun, the DeepSpeed launcher and Ray Train set them; SLURM variables are
     mapped); a lone process gets a world of one. nccl on CUDA, gloo on CPU. DeepSpeed's communication
-    builds no op (`stages.train.ops.skip_shared_memory_comm`)."""
+    builds no op (`stages.train.ops.skip_shared_memory_comm`).
+
+    timeout_s (parallel.collective_timeout_s): the process group's timeout, how long a gloo or NCCL
+    collective waits for a peer before it raises (NCCL: with its async error handling, torch's default),
+    but at least `STARTUP_GRACE_S`: ranks start up (imports, engine build, checkpoint loading) less in step
+    than they train, and a collective of that phase must not give up on a slower peer. In the training
+    loop the step watchdog (`stages/train/watchdog.py`) enforces `timeout_s` itself. A launcher-spawned
+    rank also dies with its launcher (`die_with_launcher`)."""
     import deepspeed
 
     from stages.train.ops import skip_shared_memory_comm
@@ -33,12 +67,15 @@ def init_distributed() -> tuple[int, int, int]:
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
+        timeout = timedelta(seconds=max(timeout_s, STARTUP_GRACE_S))
         if "RANK" in env:
-            deepspeed.init_distributed(dist_backend=backend)
+            die_with_launcher()
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         else:  # a lone process: a private world of one, without exporting rendezvous variables
             env.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
             deepspeed.init_distributed(
                 dist_backend=backend,
+                timeout=timeout,
                 auto_mpi_discovery=False,
                 init_method=f"tcp://127.0.0.1:{_free_port()}",
                 rank=0,

@@ -41,6 +41,7 @@ from stages.train.parallelize import deepspeed_config, lr_factor
 from stages.train.plan import format_training_plan, training_plan
 from stages.train.sync import StepRecord, grad_norm_bad, nonfinite, read_means, settled_at_once
 from stages.train.trainer import DiffusionTrainer, Ema, full_state, local_tensor
+from stages.train.watchdog import StepWatchdog
 
 if TYPE_CHECKING:  # both load what `import stages.train` goes without (webdataset, TensorBoard)
     from stages.shards.loader import Batch
@@ -85,15 +86,17 @@ def train(
         run.start(resume)
         run.open_metrics(progress)
         try:
-            while run.step < train_cfg.steps and not run.stop_requested:
-                run.optimizer_step()
-                if train_cfg.preview_every and run.step % train_cfg.preview_every == 0:
-                    run.previews()
-                if run.step % train_cfg.checkpoint_every == 0 or run.step == train_cfg.steps:
-                    run.save()
-            run.settle_pending()  # a step a SIGTERM left pending
-            if run.stop_requested:
-                run.save_on_preemption()
+            with run.watching_peers() as progressed:
+                while run.step < train_cfg.steps and not run.stop_requested:
+                    run.optimizer_step()
+                    if train_cfg.preview_every and run.step % train_cfg.preview_every == 0:
+                        run.previews()
+                    if run.step % train_cfg.checkpoint_every == 0 or run.step == train_cfg.steps:
+                        run.save()
+                    progressed(run.step)
+                run.settle_pending()  # a step a SIGTERM left pending
+                if run.stop_requested:
+                    run.save_on_preemption()
         finally:
             run.metrics.close()
         return run.finish()
@@ -118,7 +121,11 @@ class TrainingRun:
 
         self.cfg, self.fault = cfg, fault
         self.train_cfg = train_cfg = cfg.train
-        self.rank, self.world, local = init_distributed()
+        self.rank, self.world, local = init_distributed(cfg.parallel.collective_timeout_s)
+        on_main = threading.current_thread() is threading.main_thread()
+        timeout = cfg.parallel.collective_timeout_s
+        self.watchdog = StepWatchdog.from_env(self.rank, self.world, timeout) if on_main else None
+        """Beats from here on; `watching_peers` arms it (`stages/train/watchdog.py`)."""
         self.device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
         self.out = Path(train_cfg.out_dir)
         self.zero3 = cfg.parallel.zero_stage == 3
@@ -239,6 +246,26 @@ class TrainingRun:
         finally:
             if on_main:
                 signal.signal(signal.SIGTERM, previous)
+
+    @contextmanager
+    def watching_peers(self) -> Iterator[Callable[[int], None]]:
+        """While open, a step watchdog (`stages/train/watchdog.py`) exits this process, naming the lost
+        ranks, when no step finished within parallel.collective_timeout_s or a collective raised; yields
+        the call that marks a finished step. Only for a multi-process world this process joined on its
+        main thread: Ray Train (a worker thread) owns its process group and restarts lost workers itself.
+        A failure before the loop (startup) stops the watchdog's beats with the process."""
+        watchdog = self.watchdog
+        if watchdog is None:
+            yield lambda step: None
+            return
+        watchdog.progress(self.step)
+        try:
+            yield watchdog.progress
+        except RuntimeError as err:  # gloo and NCCL raise RuntimeErrors (DistBackendError among them)
+            watchdog.fail(err)
+            raise
+        finally:
+            watchdog.stop()
 
     def _request_stop(self, *_: object) -> None:
         self.sigterm = True
