@@ -16,7 +16,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from tests import ROOT
+from tests import ROOT, free_port
 
 HEAD_CPUS, WORKER_CPUS = 1, 1
 """One CPU per node: a group of two 1-CPU training workers must take one on each node."""
@@ -36,12 +35,6 @@ FAST_HEALTH_CHECKS = {
     "RAY_health_check_failure_threshold": "3",
 }
 """The GCS declares a killed node dead within ~2 s instead of Ray's default ~30 s."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_env() -> dict[str, str]:

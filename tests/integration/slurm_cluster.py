@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests import free_port
 
 DAEMONS = {"munged": "munge", "slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client"}
 """Programs the cluster needs → the Debian package that has each (.ci/packages.txt)."""
@@ -31,12 +32,6 @@ def missing_programs() -> str | None:
     path = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
     absent = [f"{name} ({package})" for name, package in DAEMONS.items() if not shutil.which(name, path=path)]
     return f"SLURM test cluster needs {', '.join(absent)}" if absent else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _memory_mb() -> int:

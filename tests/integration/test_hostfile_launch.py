@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from stages import artifacts
-from tests import ROOT
+from tests import ROOT, free_port
 from tests.integration.training_data import GEOMETRY, make_training_shards
 
 TOOLS = {"sshd": "/usr/sbin/sshd", "ssh": shutil.which("ssh"), "ssh-keygen": shutil.which("ssh-keygen")}
@@ -24,12 +24,6 @@ MISSING = [name for name, path in TOOLS.items() if not path or not os.path.exist
 pytestmark = pytest.mark.skipif(
     bool(MISSING), reason=f"needs {', '.join(MISSING)} (Debian: openssh-server openssh-client pdsh)"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +35,7 @@ def sshd(tmp_path_factory):
     for name in ("host_key", "user_key"):
         subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", root / name], check=True)
     shutil.copy(root / "user_key.pub", root / "authorized_keys")
-    port = _free_port()
+    port = free_port()
     (root / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\nPidFile {root / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {root / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
@@ -87,7 +81,7 @@ def test_hostfile_launch_trains_commits_and_resumes(sshd, tmp_path):
     def launch(steps: int) -> str:
         args = [*GEOMETRY, f"data.shards={shards}", f"train.out_dir={out}", "data.batch_size=2"]
         args += ["train.warmup_steps=1", f"train.steps={steps}", "train.checkpoint_every=2"]
-        env["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = str(free_port())
         done = subprocess.run(
             [str(ROOT / "launch.sh"), "train", "configs/tiny.yaml", *args, "--quiet"],
             cwd=ROOT,

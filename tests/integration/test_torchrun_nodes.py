@@ -8,7 +8,6 @@ weights."""
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from stages import artifacts
+from tests import free_port
 from tests.integration.torchrun_nodes import Node
 from tests.integration.training_data import GEOMETRY, make_training_shards
 
@@ -32,12 +32,6 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return make_training_shards(tmp_path_factory.mktemp("torchrun-data"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(shards: Path, out: Path) -> list[str]:
@@ -59,7 +53,7 @@ class Pair:
     """Both nodes of one run; reaped at teardown whatever happened."""
 
     def __init__(self, shards: Path, out: Path, logs: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         logs.mkdir(parents=True, exist_ok=True)
         self.nodes = [Node(rank, self.port, _args(shards, out), logs / f"node{rank}.log") for rank in (0, 1)]
 
