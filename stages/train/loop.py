@@ -37,7 +37,7 @@ from stages.train import checkpoint, elastic
 from stages.train.batches import check_shard_geometry, draw_noise, encode_frozen, fit_batch, sr_pair
 from stages.train.distributed import init_distributed
 from stages.train.ops import build_lock, run_time_builds, wait_for_build_locks
-from stages.train.parallelize import deepspeed_config, lr_factor
+from stages.train.parallelize import deepspeed_config, lr_factor, restore_torch_linear
 from stages.train.plan import format_training_plan, training_plan
 from stages.train.sync import StepRecord, grad_norm_bad, nonfinite, read_means, settled_at_once
 from stages.train.trainer import DiffusionTrainer, Ema, full_state, local_tensor
@@ -134,6 +134,8 @@ class TrainingRun:
         torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
         np.random.seed(train_cfg.seed)
         random.seed(train_cfg.seed)
+        if not self.zero3:
+            restore_torch_linear()
         self.module = DiffusionTrainer(cfg)
         self.trainable = [param for param in self.module.parameters() if param.requires_grad]
         ds_config = deepspeed_config(cfg, self.world)

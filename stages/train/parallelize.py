@@ -55,6 +55,19 @@ def parallelize_model(model: nn.Module, cfg: ParallelConfig, compile_blocks: boo
     return model
 
 
+def restore_torch_linear() -> None:
+    """Put back torch's own `torch.nn.functional.linear` if a ZeRO-3 engine built earlier in this process
+    replaced it: DeepSpeed's ZeRO-3 swaps in its memory-efficient linear process-wide and leaves it there
+    ("This will persist unless manually reset"), so a later non-ZeRO-3 training in the same process (a
+    test, a notebook) would compute its gradients another way than a fresh process, and a run resumed
+    in a fresh process would not reproduce it."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based): linear warm-up over
     `warmup_steps`, then cosine decay to 0 at `total_steps`."""

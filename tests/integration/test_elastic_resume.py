@@ -1,4 +1,4 @@
-"""Resuming a committed checkpoint at another world size (2 → 1, 1 → 2, 2 → 3 ranks; ZeRO 0, 2 and 3):
+"""Resuming a committed checkpoint at another world size (2 → 1, 1 → 2, 2 → 3 ranks; ZeRO 0 to 3):
 the weights, Adam moments and EMA are re-sharded exactly, the run trains on, and a planted file is
 refused. That the loader sees every sample of the interrupted pass once is counted in
 tests/unit/shards/test_resize.py."""
@@ -154,6 +154,10 @@ def test_zero3_partitions_are_joined_for_one_rank_and_cut_again_for_three(shards
     _assert_state(full_state(run.engine.module, zero3=True), _exported(saved, "model"))
     _assert_state(run._ema_state(), _exported(saved, "ema"))
     del run
+    # that ZeRO-3 engine left DeepSpeed's linear in torch.nn.functional; a ZeRO-0 run puts torch's back
+    assert torch.nn.functional.linear is not torch._C._nn.linear
+    TrainingRun(_cfg(shards, tmp_path / "zero0", "train.steps=1"), None)
+    assert torch.nn.functional.linear is torch._C._nn.linear
 
     # 2 → 3, one step that leaves the EMA as it was (decay 1): the step's export gathers the new partitions
     output = _launch(
@@ -167,15 +171,16 @@ def test_zero3_partitions_are_joined_for_one_rank_and_cut_again_for_three(shards
     _assert_state(_exported(step3, "model"), _exported(saved, "model"), atol=1e-6)
 
 
-def test_zero0_one_rank_resumes_on_two(shards, tmp_path):
+@pytest.mark.parametrize(("zero", "how"), [(0, "as saved (nothing partitioned)"), (1, "(ZeRO-1)")])
+def test_one_rank_resumes_on_two(shards, tmp_path, zero, how):
     out = tmp_path / "run"
     still = "train.warmup_steps=1000000"  # steps of ~1e-8, as above
-    train(_cfg(shards, out, "train.steps=2", still), progress=False)
+    stage = f"parallel.zero_stage={zero}"
+    train(_cfg(shards, out, "train.steps=2", still, stage), progress=False)
     saved = artifacts.committed(out)[-1]
-    output = _launch(
-        2, shards, out, "train.steps=3", "train.checkpoint_every=1", "train.ema_decay=1.0", still
-    )
-    assert RESIZED.format(1, 2) in output and "as saved (nothing partitioned)" in output
+    steps = ("train.steps=3", "train.checkpoint_every=1", "train.ema_decay=1.0", still, stage)
+    output = _launch(2, shards, out, *steps)
+    assert RESIZED.format(1, 2) in output and how in output
     step3 = artifacts.committed(out)[-1]
     assert step3.name == "step_00000003" and len(_rank_files(step3)) == 2
     _assert_state(_exported(step3, "ema"), _exported(saved, "ema"))

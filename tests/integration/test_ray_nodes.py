@@ -211,10 +211,11 @@ def test_a_lost_worker_node_restarts_training_from_the_last_checkpoint(
 
 def test_an_elastic_training_continues_on_the_node_that_remains(cluster, shards, tmp_path):
     """--min-workers 1: the group restarted after the worker node is lost (and not replaced) has one
-    rank, which resumes the two-rank checkpoint at world size 1 and finishes. Ray's first restart may
-    still count the lost node's CPU and wait for two workers: a short --wait-for-workers-s ends that."""
+    rank, which resumes the two-rank checkpoint at world size 1 and finishes. Ray's elastic policy reads
+    the cluster's resources from a coordinator that refreshes them every 20 s, so restarts in that time
+    still count the lost node's CPU and wait for two workers: 4 waits of 12 s outlast it."""
     out = tmp_path / "run"
-    proc = _train(cluster, shards, out, "--min-workers", "1", "--wait-for-workers-s", "5")
+    proc = _train(cluster, shards, out, "--min-workers", "1", "--wait-for-workers-s", "12")
     _when(lambda: bool(artifacts.committed(out)), proc)
     lost = cluster.worker_node
     assert any(name.startswith("ray::RayTrainWorker") for name in cluster.kill_worker())
