@@ -621,7 +621,7 @@ class ShardLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where `state` was taken; the settings and shard list must be the same."""
         if state.get("format") not in (1, STATE_FORMAT):
-            raise ValueError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT}")
+            raise ValueError(f"loader state format {state.get('format')!r}, expected 1 to {STATE_FORMAT}")
         mine, theirs = self._fingerprint(), state["settings"]
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:
