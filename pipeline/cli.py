@@ -322,6 +322,42 @@ def _render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _ray_train_options(p: argparse.ArgumentParser) -> None:
+    """`train --ray`'s worker options, defaulting to a pipeline training's (`trainings.NAME`)."""
+    training = PipelineTrainingConfig  # the defaults of a pipeline's trainings.NAME
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=training.workers,
+        help="Ray Train workers, one rank each (--ray; default %(default)s: pass --workers N for more)",
+    )
+    p.add_argument(
+        "--min-workers",
+        type=int,
+        default=training.min_workers,
+        help="elastic: after a failure continue with as few as this many workers, resuming at that world "
+        "size (--ray; default %(default)s: always --workers)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=training.cpus_per_worker,
+        help="CPUs (and threads) per worker (--ray; default %(default)s)",
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=training.gpus_per_worker,
+        help="GPUs per Ray Train worker (--ray; default %(default)s)",
+    )
+    p.add_argument(
+        "--wait-for-workers-s",
+        type=float,
+        default=training.wait_for_workers_s,
+        help="seconds a worker group may wait for its resources, then the run fails (--ray; %(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: the commands' own options (render's --local) must not read as --local_rank
     parser = argparse.ArgumentParser(
@@ -360,38 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ray", action="store_true", help="run the same worker function under Ray Train")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process Ray)")
-    training = PipelineTrainingConfig  # the defaults of a pipeline's trainings.NAME
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=training.workers,
-        help="Ray Train workers, one rank each (--ray; default %(default)s: pass --workers N for more)",
-    )
-    p.add_argument(
-        "--min-workers",
-        type=int,
-        default=training.min_workers,
-        help="elastic: after a failure continue with as few as this many workers, resuming at that world "
-        "size (--ray; default %(default)s: always --workers)",
-    )
-    p.add_argument(
-        "--cpus-per-worker",
-        type=int,
-        default=training.cpus_per_worker,
-        help="CPUs (and threads) per worker (--ray; default %(default)s)",
-    )
-    p.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=training.gpus_per_worker,
-        help="GPUs per Ray Train worker (--ray; default %(default)s)",
-    )
-    p.add_argument(
-        "--wait-for-workers-s",
-        type=float,
-        default=training.wait_for_workers_s,
-        help="seconds a worker group may wait for its resources, then the run fails (--ray; %(default)s)",
-    )
+    _ray_train_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("render", help="render prompts through a cascade (one Ray actor per stage; --local)")
