@@ -269,6 +269,8 @@ class ParallelConfig:
     """Optional user DeepSpeed JSON, checked against this config."""
     collective_timeout_s: float = 600.0
     """Seconds a collective or a training step may wait for a peer before this rank names it and exits."""
+    sequence_parallel: int = 1
+    """Ranks that split each clip's tokens (sequence parallelism); must divide the world size, T' and S."""
 
 
 @dataclass

@@ -235,6 +235,49 @@ def _validate_parallel(p: ParallelConfig) -> None:
     check_choices(p, "parallel")
     check_positive("parallel.grad_accum", p.grad_accum)
     check_positive("parallel.collective_timeout_s", p.collective_timeout_s)
+    check_positive("parallel.sequence_parallel", p.sequence_parallel)
+
+
+def training_token_grids(cfg: RunConfig) -> list[tuple[str, int, int]]:
+    """(what, T', S) of every patch grid a training run's batches can have: its clips (at the training
+    crop, or at data.height × width and, bucketed without data.reduce, every preprocess.buckets size)
+    and, with data.image_fraction > 0, its packed images (one image per patch frame)."""
+    d, p = cfg.data, cfg.preprocess
+    pt, ph, pw = cfg.model.patch_size
+    if cfg.train.crop:
+        sizes = [tuple(cfg.train.crop)]
+    else:
+        sizes = [(d.height, d.width)]
+        if p.resize == "bucket" and not d.reduce:
+            sizes += [tuple(bucket) for bucket in p.buckets if tuple(bucket) != (d.height, d.width)]
+    grids = [(f"clips of {d.frames}×{h}×{w}", d.frames // pt, (h // ph) * (w // pw)) for h, w in sizes]
+    if d.image_fraction > 0:
+        images = d.images_per_item or d.frames
+        grids += [(f"{images} packed {h}×{w} images", images, (h // ph) * (w // pw)) for h, w in sizes]
+    return grids
+
+
+def check_sequence_parallel(cfg: RunConfig, world: int | None = None) -> None:
+    """ValueError unless parallel.sequence_parallel N divides the world size (when known) and T' and S of
+    every training grid (`training_token_grids`): the clip is split by frames and, for temporal attention,
+    by spatial positions, without padding."""
+    n = cfg.parallel.sequence_parallel
+    if n == 1:
+        return
+    grids = training_token_grids(cfg)
+    where = "" if world is None else f"world size {world}, "
+    if world is not None and world % n:
+        _, frames, positions = grids[0]
+        raise ValueError(
+            f"parallel.sequence_parallel = {n} does not divide the world size {world} (the world is "
+            f"data-parallel × sequence-parallel ranks; T' = {frames}, S = {positions})"
+        )
+    for what, frames, positions in grids:
+        if frames % n or positions % n:
+            raise ValueError(
+                f"parallel.sequence_parallel = {n}: {where}T' = {frames} patch frames and S = {positions} "
+                f"spatial tokens ({what}) must both be divisible by {n}; nothing is padded"
+            )
 
 
 def validate_render(r: RenderConfig) -> None:
@@ -340,6 +383,7 @@ def validate(cfg: Any) -> None:
     _validate_train(cfg.train)
     _validate_super_resolution(cfg)
     _validate_parallel(cfg.parallel)
+    check_sequence_parallel(cfg)
     validate_render(cfg.render)
     if cfg.text.encoder == "byte" and cfg.model.text_dim != cfg.text.width:
         raise ValueError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +46,33 @@ WEIGHTS_NAME = "model.safetensors"
 # --------------------------------------------------------------------------------------------------
 
 
+class SequenceSplit(Protocol):
+    """A clip's tokens split over `size` ranks (sequence parallelism), applied from outside the model
+    (`stages/train/sequence_parallel.py`): each rank holds T'/size whole frames for what runs per token or
+    per frame, and switches to S/size spatial positions of every frame for temporal attention."""
+
+    size: int
+    rank: int
+
+    def frames_to_positions(self, x: Tensor) -> Tensor:
+        """(B, T'/size, S, D) this rank's frames → (B, T', S/size, D) its positions (differentiable)."""
+        ...
+
+    def positions_to_frames(self, x: Tensor) -> Tensor:
+        """The inverse of `frames_to_positions` (differentiable)."""
+        ...
+
+    def gather_frames(self, x: Tensor) -> Tensor:
+        """(B, T/size, ...) → (B, T, ...): every rank's frames of a small tensor, in rank order (no grad)."""
+        ...
+
+
 @dataclass
 class BlockContext:
     """What every block needs about the current input, computed once per forward."""
 
-    grid: tuple[int, int, int]  # (T', H', W')
+    grid: tuple[int, int, int]  # (T', H', W') of this rank's frames: T' / sequence.size under a split
+    sequence: SequenceSplit | None  # the token split over ranks, or None
     backend: Backend
     max_batch: int
     spatial_rope: tuple[Tensor, Tensor] | None  # cos, sin (S, Dh/2)
@@ -93,7 +116,6 @@ class DiTBlock(nn.Module):
     def forward(self, x: Tensor, c: Tensor, ctx: BlockContext) -> Tensor:
         # x: (B, T'·S, D); c: (B, 1 | T', D)
         tp = ctx.grid[0]
-        batch = x.shape[0]
         cs = F.silu(c)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(cs).chunk(6, dim=-1)
 
@@ -108,7 +130,11 @@ class DiTBlock(nn.Module):
         if self.temporal and ctx.run_temporal:
             shift_t, scale_t = self.temporal_modulation(cs).chunk(2, dim=-1)
             h = modulate(self.norm_t(x), shift_t, scale_t, tp)
-            h = rearrange(h, "B (T S) D -> (B S) T D", T=tp)
+            h = rearrange(h, "B (T S) D -> B T S D", T=tp)
+            if ctx.sequence is not None:  # this rank's frames → every frame of this rank's positions
+                h = ctx.sequence.frames_to_positions(h)  # (B, T'/N, S, D) → (B, T', S/N, D)
+            positions = h.shape[2]
+            h = rearrange(h, "B T S D -> (B S) T D")
             h = self.temporal_attn(
                 h,
                 ctx.backend,
@@ -116,7 +142,10 @@ class DiTBlock(nn.Module):
                 segments=ctx.temporal_segments,
                 max_batch=ctx.max_batch,
             )
-            h = rearrange(h, "(B S) T D -> B (T S) D", B=batch)
+            h = rearrange(h, "(B S) T D -> B T S D", S=positions)
+            if ctx.sequence is not None:
+                h = ctx.sequence.positions_to_frames(h)  # (B, T', S/N, D) → (B, T'/N, S, D)
+            h = rearrange(h, "B T S D -> B (T S) D")
             if ctx.temporal_keep is not None:
                 h = gate(h, ctx.temporal_keep, tp)
             x = x + h
@@ -147,6 +176,14 @@ def _per_frame(value: Tensor, batch: int, name: str, frames: int) -> Tensor:
     if value.shape == (batch, frames):
         return value
     raise ValueError(f"{name}: expected shape ({batch},) or ({batch}, {frames}), got {tuple(value.shape)}")
+
+
+def _frame_span(frames: int, sequence: SequenceSplit | None) -> tuple[int, int]:
+    """(first, every): the index of this rank's first patch frame and the clip's patch frames T', for a
+    rank holding `frames` patch frames."""
+    if sequence is None:
+        return 0, frames
+    return sequence.rank * frames, sequence.size * frames
 
 
 class VideoDiT(nn.Module):
@@ -233,6 +270,7 @@ class VideoDiT(nn.Module):
         cond: Tensor | None = None,
         cond_aug: Tensor | None = None,
         segments: Tensor | None = None,
+        sequence: SequenceSplit | None = None,
     ) -> Tensor:
         """Predict the diffusion target for noisy x (B, C, T, H, W) at times t (B,) or per frame (B, T).
 
@@ -241,9 +279,17 @@ class VideoDiT(nn.Module):
         guidance); cond (B, C, T, H, W) is the upsampled low-resolution video of SR models and cond_aug
         (B,) its augmentation level; segments (B, T) int packs independent clips or images along the frame
         axis (contiguous runs of equal ids). Per-frame inputs need a temporal patch size of 1.
+
+        sequence: the clip's tokens split over ranks (`SequenceSplit`). Then x, cond and every per-frame
+        input are this rank's T/N frames (frames rank·T/N onwards, N = sequence.size), and so is the output.
         """
         batch, frames = x.shape[0], x.shape[2]
         tp, hp, wp = self._check_video(x)
+        if sequence is not None and (hp * wp) % sequence.size:
+            raise ValueError(
+                f"sequence parallelism over {sequence.size} ranks needs S = H'·W' = {hp}×{wp} divisible by "
+                f"{sequence.size}"
+            )
         per_frame = t.dim() == 2 or text.dim() == 4 or segments is not None
         if per_frame and self.patch[0] != 1:
             raise ValueError(f"per-frame inputs need patch_size[0] == 1, got patch size {self.patch}")
@@ -254,6 +300,8 @@ class VideoDiT(nn.Module):
         )
         if segments is not None and segments.shape != (batch, frames):
             raise ValueError(f"segments: expected shape ({batch}, {frames}), got {tuple(segments.shape)}")
+        if segments is not None and sequence is not None:
+            segments = sequence.gather_frames(segments)  # (B, T): temporal attention sees every frame
         if self.is_sr:
             if cond is None or cond_aug is None:
                 raise ValueError(f"a {self.config.kind} model needs cond (the upsampled video) and cond_aug")
@@ -274,12 +322,13 @@ class VideoDiT(nn.Module):
         # tokens: (B, T'·S, D)
         inp = torch.cat([x, cond], dim=1) if self.is_sr else x
         tokens = self.patch_embed(patchify(inp, self.patch))
-        ctx = self.block_context(x, (tp, hp, wp), segments, text, text_mask)
+        ctx = self.block_context(x, (tp, hp, wp), segments, text, text_mask, sequence)
         if self.config.pos_embed == "sincos":
+            first, every = _frame_span(tp, sequence)
             positions = (
-                frame_positions(segments) if segments is not None else torch.arange(tp, device=x.device)
+                frame_positions(segments) if segments is not None else torch.arange(every, device=x.device)
             )
-            positions = positions.expand(batch, tp)
+            positions = positions.expand(batch, every)[:, first : first + tp]  # (B, T'): this rank's frames
             tokens = tokens + sincos_table(positions, hp, wp, self.config.width).to(tokens.dtype)
 
         for block in self.blocks:
@@ -301,19 +350,28 @@ class VideoDiT(nn.Module):
         return text, mask
 
     def block_context(
-        self, x: Tensor, grid: tuple[int, int, int], segments: Tensor | None, text: Tensor, text_mask: Tensor
+        self,
+        x: Tensor,
+        grid: tuple[int, int, int],
+        segments: Tensor | None,
+        text: Tensor,
+        text_mask: Tensor,
+        sequence: SequenceSplit | None = None,
     ) -> BlockContext:
         """What every block of a forward pass shares for video x (B, C, T, H, W) of patch grid (T', H', W'):
-        backend, RoPE tables, temporal segments and the projected text tokens (text as `forward` takes it)."""
+        backend, RoPE tables, temporal segments and the projected text tokens (text as `forward` takes it).
+        Under a `sequence` split, x and grid are this rank's frames and segments (B, T) cover every frame."""
         tp, hp, wp = grid
+        first, every = _frame_span(tp, sequence)
         head_dim = self.config.width // self.config.heads
         rope = self.config.pos_embed == "rope"
-        run_temporal = self.config.temporal_layers and tp > 1
+        run_temporal = self.config.temporal_layers and every > 1
         temporal_segments = keep = None
         if run_temporal and segments is not None:
-            temporal_segments = segments.repeat_interleave(hp * wp, dim=0)  # (B·S, T'), rows in (B S) order
+            rows = hp * wp // (1 if sequence is None else sequence.size)  # spatial positions per rank
+            temporal_segments = segments.repeat_interleave(rows, dim=0)  # (B·S/N, T'), rows in (B S) order
             partners = (segments[:, :, None] == segments[:, None, :]).sum(-1)  # (B, T') segment sizes
-            keep = (partners > 1).to(x.dtype)[..., None]  # (B, T', 1)
+            keep = (partners > 1).to(x.dtype)[:, first : first + tp, None]  # (B, T'/N, 1)
         tokens = self.text_proj(text)
         per_frame = tokens.dim() == 4
         if per_frame:
@@ -321,10 +379,11 @@ class VideoDiT(nn.Module):
             text_mask = rearrange(text_mask, "B T L -> (B T) L")
         return BlockContext(
             grid=grid,
+            sequence=sequence,
             backend=self.backend_for(x.device),
             max_batch=self.config.attention_max_batch,
             spatial_rope=spatial_rope(hp, wp, head_dim, x.device) if rope else None,
-            temporal_rope=temporal_rope(tp, head_dim, x.device) if rope and run_temporal else None,
+            temporal_rope=temporal_rope(every, head_dim, x.device) if rope and run_temporal else None,
             run_temporal=run_temporal,
             temporal_segments=temporal_segments,
             temporal_keep=keep,

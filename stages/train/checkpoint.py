@@ -115,11 +115,14 @@ def _write(
         write_text(directory / MARKER, f"{meta['step']}\n")
 
 
-def load(engine: Any, directory: Path, rank: int, world_size: int) -> tuple[int, dict[str, Any]]:
+def load(
+    engine: Any, directory: Path, rank: int, world_size: int, sequence_parallel: int = 1
+) -> tuple[int, dict[str, Any]]:
     """Restore the engine from a committed checkpoint; returns (step, state). The state is this rank's
-    saved state, or, for a checkpoint of another world size (`stages.train.elastic`), {"resized_from":
-    saved world size, "loaders" and "emas": every old rank's, "zero3": whether the EMAs are ZeRO-3
-    partitions}."""
+    saved state, or, for a checkpoint of another world size or parallel.sequence_parallel
+    (`stages.train.elastic`), {"resized_from": saved world size, "sequence_from": its sequence_parallel,
+    "loaders": every old sequence group's (the ranks of a group share one position), "emas": every old
+    rank's, "zero3": whether the EMAs are ZeRO-3 partitions}."""
     if not (directory / MARKER).is_file():
         raise ValueError(f"{directory}: not a committed checkpoint")
     try:
@@ -129,13 +132,18 @@ def load(engine: Any, directory: Path, rank: int, world_size: int) -> tuple[int,
     saved_world = meta.get("world_size")
     if not isinstance(saved_world, int) or saved_world < 1:
         raise ValueError(f"{directory}/meta.json: world_size {saved_world!r} is not a positive integer")
-    resized = saved_world != world_size
+    saved_sp = meta.get("sequence_parallel", 1)
+    if not isinstance(saved_sp, int) or saved_sp < 1 or saved_world % saved_sp:
+        raise ValueError(
+            f"{directory}/meta.json: sequence_parallel {saved_sp!r} does not divide the world size"
+        )
+    resized = (saved_world, saved_sp) != (world_size, sequence_parallel)
     rank_files = [directory / f"rank_{r:05d}.pt" for r in (range(saved_world) if resized else [rank])]
     for rank_file in rank_files:
         if not rank_file.is_file():
             raise ValueError(f"{directory}: missing {rank_file.name}; the checkpoint is corrupt")
     engine.checkpoint_engine = safe_checkpoint_engine(engine.checkpoint_engine)
-    if resized:
+    if saved_world != world_size:
         path, client = elastic.load_engine(engine, directory, rank)
     else:
         path, client = engine.load_checkpoint(str(directory / "ds"), tag="state")
@@ -152,7 +160,8 @@ def load(engine: Any, directory: Path, rank: int, world_size: int) -> tuple[int,
     saved = [load_tensors(rank_file) for rank_file in rank_files]
     return int(meta["step"]), {
         "resized_from": saved_world,
-        "loaders": [state["loader"] for state in saved],
+        "sequence_from": saved_sp,
+        "loaders": [state["loader"] for state in saved[::saved_sp]],
         "emas": [state["ema"] for state in saved],
         "zero3": meta.get("zero_stage") == 3,
     }

@@ -109,19 +109,30 @@ def ema_for_rank(
 
 
 def generator_seed(seed: int, step: int, rank: int) -> int:
-    """The training generator's seed for `rank` of a world resized at `step`."""
+    """The training generator's seed for data-parallel `rank` of a world resized at `step`."""
     return (seed * 1_000_003 + step * 7_919 + rank) % (2**63)
 
 
-def resize_note(directory: Path, saved_world: int, world: int, zero_stage: int, batch: int) -> str:
-    """What resuming committed `directory` at another world size does, for the training plan."""
-    how = (
-        f"DeepSpeed universal checkpoint (ZeRO-{zero_stage})"
-        if partitioned(directory)
-        else "as saved (nothing partitioned)"
-    )
+def resize_note(
+    directory: Path, saved: tuple[int, int], now: tuple[int, int], zero_stage: int, batch: int
+) -> str:
+    """What resuming committed `directory`, saved by (world size, sequence_parallel) `saved`, at `now`
+    does, for the training plan."""
+    (saved_world, saved_sp), (world, sp) = saved, now
+    if saved_world == world:
+        how = "as saved (same world size)"
+    elif partitioned(directory):
+        how = f"DeepSpeed universal checkpoint (ZeRO-{zero_stage})"
+    else:
+        how = "as saved (nothing partitioned)"
+    layout = f"world size {saved_world} to {world}"
+    if (saved_sp, sp) != (1, 1):
+        layout += (
+            f" (data-parallel × sequence-parallel {saved_world // saved_sp}×{saved_sp} to {world // sp}×{sp})"
+        )
     return (
-        f"resized from world size {saved_world} to {world}: model and optimizer {how}, EMA re-cut; the "
-        f"interrupted pass continues over {world} ranks with no sample repeated or skipped. Not bit-exact: "
-        f"the global batch is now {batch * world} (was {batch * saved_world}) and the random draws restart"
+        f"resized from {layout}: model and optimizer {how}, EMA re-cut; the interrupted pass continues over "
+        f"{world // sp} data-parallel ranks with no sample repeated or skipped. Not bit-exact: the global "
+        f"batch is now {batch * world // sp} (was {batch * saved_world // saved_sp}) and the random draws "
+        "restart"
     )

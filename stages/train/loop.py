@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from configs import RunConfig, dump_config
+from configs.validate import check_sequence_parallel
 from models.text import T5TextEncoder
 from stages.artifacts import export_weights, step_dir
 from stages.atomic import remove_leftovers
@@ -39,6 +40,7 @@ from stages.train.distributed import init_distributed
 from stages.train.ops import build_lock, run_time_builds, wait_for_build_locks
 from stages.train.parallelize import deepspeed_config, lr_factor, restore_torch_linear
 from stages.train.plan import format_training_plan, training_plan
+from stages.train.sequence_parallel import Layout, SequenceGroup
 from stages.train.sync import StepRecord, grad_norm_bad, nonfinite, read_means, settled_at_once
 from stages.train.trainer import DiffusionTrainer, Ema, full_state, local_tensor
 from stages.train.watchdog import StepWatchdog
@@ -122,6 +124,9 @@ class TrainingRun:
         self.cfg, self.fault = cfg, fault
         self.train_cfg = train_cfg = cfg.train
         self.rank, self.world, local = init_distributed(cfg.parallel.collective_timeout_s)
+        check_sequence_parallel(cfg, self.world)  # before any compute: the dims name world, N, T', S
+        self.layout = Layout(self.rank, self.world, cfg.parallel.sequence_parallel)
+        """Data-parallel × sequence-parallel: loader, generator and sample counts go by the dp rank."""
         on_main = threading.current_thread() is threading.main_thread()
         timeout = cfg.parallel.collective_timeout_s
         self.watchdog = StepWatchdog.from_env(self.rank, self.world, timeout) if on_main else None
@@ -136,9 +141,9 @@ class TrainingRun:
         random.seed(train_cfg.seed)
         if not self.zero3:
             restore_torch_linear()
-        self.module = DiffusionTrainer(cfg)
+        self.module = DiffusionTrainer(cfg, SequenceGroup.create(self.layout))
         self.trainable = [param for param in self.module.parameters() if param.requires_grad]
-        ds_config = deepspeed_config(cfg, self.world)
+        ds_config = deepspeed_config(cfg, self.world)  # DeepSpeed's data-parallel group: all dp × sp ranks
         wait_for_build_locks([build_lock(op) for op in run_time_builds(ds_config)])
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.module,
@@ -154,9 +159,10 @@ class TrainingRun:
         )
         wrapped = [param for param in self.engine.module.parameters() if param.requires_grad]
         self.ema = Ema(wrapped, train_cfg.ema_decay)
-        self.loader = loader_from_config(cfg, self.rank, self.world)
-        self.gen = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + self.rank)
-        """The training generator: crops, diffusion times, noise, text dropout and SR augmentation."""
+        self.loader = loader_from_config(cfg, self.layout.dp_rank, self.layout.dp)
+        self.gen = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + self.layout.dp_rank)
+        """The training generator: crops, diffusion times, noise, text dropout and SR augmentation (the
+        same in every rank of a sequence group, as their batches are)."""
         self.plan = training_plan(cfg, self.world)
         self.config_yaml = dump_config(cfg)
 
@@ -186,7 +192,7 @@ class TrainingRun:
         start = checkpoint.resolve_resume(self.out, resume)
         resuming = ""
         if start is not None:
-            self.step, state = checkpoint.load(self.engine, start, self.rank, self.world)
+            self.step, state = checkpoint.load(self.engine, start, self.rank, self.world, self.layout.sp)
             resuming = f"\nresuming from {start} (step {self.step})"
             if "resized_from" in state:
                 resuming += "\n" + self._continue_resized(start, state)
@@ -206,11 +212,11 @@ class TrainingRun:
         self.loader.load_resized_state(state["loaders"])
         ema = elastic.ema_for_rank(state["emas"], state["zero3"], self.ema.params, self.rank, self.world)
         self.ema.load(ema)
-        self.gen.manual_seed(elastic.generator_seed(self.train_cfg.seed, self.step, self.rank))
+        self.gen.manual_seed(elastic.generator_seed(self.train_cfg.seed, self.step, self.layout.dp_rank))
         return elastic.resize_note(
             start,
-            state["resized_from"],
-            self.world,
+            (state["resized_from"], state["sequence_from"]),
+            (self.world, self.layout.sp),
             self.cfg.parallel.zero_stage,
             self.cfg.data.batch_size * self.cfg.parallel.grad_accum,
         )
@@ -334,8 +340,8 @@ class TrainingRun:
         record.losses.append(loss.detach())
         record.times.append(times.reshape(len(per_sample), -1).mean(1))  # (B, T) of packed images → (B,)
         record.sample_losses.append(per_sample.detach())
-        record.samples += items * self.world
-        record.tokens += self.plan["tokens_per_sample"] * items * self.world
+        record.samples += items * self.layout.dp
+        record.tokens += self.plan["tokens_per_sample"] * items * self.layout.dp
 
     def _next_batch(self, record: StepRecord) -> Batch:
         """The next loader batch at the training geometry; the time spent waiting for it goes to `record`."""
@@ -445,6 +451,7 @@ class TrainingRun:
         }
         meta = {
             "world_size": self.world,
+            "sequence_parallel": self.layout.sp,
             "zero_stage": self.cfg.parallel.zero_stage,
             "precision": self.cfg.parallel.precision,
         }

@@ -9,6 +9,21 @@ from configs import RunConfig
 from models.flops import forward_flops, parameter_count, token_grid
 from stages.tables import key_value_table
 
+ACTIVATION_BYTES = {"fp32": 172, "bf16": 126, "fp16": 126}
+"""Bytes a transformer block keeps for backward per token and per unit of model width, by precision:
+measured with autograd's saved-tensor hooks (`activation_bytes` in tests/unit/train/test_plan.py checks it
+against the model), SDPA attention without a mask, no activation checkpointing."""
+
+
+def activation_gib(cfg: RunConfig, tokens: int) -> float:
+    """Expected activation memory (GiB) of one micro-batch of `tokens` tokens on one rank: every block's
+    saved tensors, or with activation checkpointing each block's input plus one block recomputed."""
+    per_block = ACTIVATION_BYTES[cfg.parallel.precision] * cfg.model.width * tokens
+    if cfg.parallel.activation_checkpointing:
+        inputs = cfg.model.depth * tokens * cfg.model.width * (4 if cfg.parallel.precision == "fp32" else 2)
+        return (inputs + per_block) / 2**30
+    return cfg.model.depth * per_block / 2**30
+
 
 def training_plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """What a run will do per step, computed from the config alone (the plan printed before training)."""
@@ -16,7 +31,10 @@ def training_plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     height, width = cfg.train.crop or (data.height, data.width)
     params = parameter_count(cfg.model)
     grid = token_grid(cfg.model, data.frames, height, width)
-    global_batch = data.batch_size * parallel.grad_accum * world_size
+    sp = parallel.sequence_parallel
+    dp = world_size // sp
+    global_batch = data.batch_size * parallel.grad_accum * dp
+    tokens_per_rank = math.prod(grid) // sp
     fwd = forward_flops(cfg.model, data.frames, height, width, cfg.text.max_length).total
     # model states per device (DeepSpeed ZeRO accounting): weights, gradients, fp32 master + Adam m, v
     w_bytes = 2 if parallel.precision in ("bf16", "fp16") else 4
@@ -34,6 +52,8 @@ def training_plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ema = 4 / (n if parallel.zero_stage >= 3 else 1)
     return {
         "world_size": world_size,
+        "data_parallel": dp,
+        "sequence_parallel": sp,
         "zero_stage": parallel.zero_stage,
         "precision": parallel.precision,
         "micro_batch": data.batch_size,
@@ -41,28 +61,42 @@ def training_plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "global_batch": global_batch,
         "parameters": params,
         "tokens_per_sample": math.prod(grid),
+        "tokens_per_rank": tokens_per_rank,
         "flops_per_step": 3 * fwd * global_batch,
         "model_state_gib_per_device": params * (weights + grads + optim + ema) / 2**30,
+        "activation_gib_per_device": activation_gib(cfg, tokens_per_rank * data.batch_size),
     }
 
 
 def format_training_plan(info: dict[str, Any]) -> str:
     rows = [
-        ("world size", info["world_size"]),
+        (
+            "world size",
+            f"{info['world_size']} = {info['data_parallel']} data-parallel × {info['sequence_parallel']} "
+            "sequence-parallel",
+        ),
         ("ZeRO stage", info["zero_stage"]),
         ("precision", info["precision"]),
         (
             "global batch",
             f"{info['global_batch']} = {info['micro_batch']} × {info['grad_accum']} accum × "
-            f"{info['world_size']} ranks",
+            f"{info['data_parallel']} data-parallel ranks",
         ),
         ("parameters", f"{info['parameters'] / 1e6:.2f} M"),
         ("tokens per sample", info["tokens_per_sample"]),
+        (
+            "tokens per rank",
+            f"{info['tokens_per_rank']} per sample (1/{info['sequence_parallel']} of its frames)",
+        ),
         ("FLOPs per step", f"{info['flops_per_step']:.3e} (forward + backward, 3 × forward)"),
         (
             "memory per device",
-            f"{info['model_state_gib_per_device']:.3f} GiB of model states "
-            "(weights, grads, optimizer, EMA; activations not included)",
+            f"{_size(info['model_state_gib_per_device'])} of model states (weights, grads, optimizer, "
+            f"EMA) + {_size(info['activation_gib_per_device'])} of activations per micro-batch (estimate)",
         ),
     ]
     return key_value_table(rows)
+
+
+def _size(gib: float) -> str:
+    return f"{gib:.3f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"

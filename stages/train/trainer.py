@@ -17,13 +17,19 @@ from models.diffusion import CosineSchedule, training_loss
 from models.dit import VideoDiT
 from models.text import ByteTextEncoder
 from stages.train.parallelize import parallelize_model
+from stages.train.sequence_parallel import SequenceGroup
 
 
 class DiffusionTrainer(nn.Module):
-    """Per-sample diffusion loss of a batch; holds every trainable parameter."""
+    """Per-sample diffusion loss of a batch; holds every trainable parameter.
 
-    def __init__(self, cfg: RunConfig) -> None:
+    With a `sequence` group (parallel.sequence_parallel > 1) every rank of the group is given the same
+    whole batch, runs the model on its slice of frames, and returns the samples' whole loss (the group
+    mean of the slices' losses; see `stages/train/sequence_parallel.py` for its gradient)."""
+
+    def __init__(self, cfg: RunConfig, sequence: SequenceGroup | None = None) -> None:
         super().__init__()
+        self.sequence = sequence
         self.dit = parallelize_model(VideoDiT(cfg.model), cfg.parallel, compile_blocks=cfg.train.compile)
         self.text = ByteTextEncoder.from_config(cfg.text) if cfg.text.encoder == "byte" else None
         self.schedule = CosineSchedule.from_config(
@@ -54,8 +60,18 @@ class DiffusionTrainer(nn.Module):
             if drop_text.dim() == 2:  # packed images: one caption per frame
                 b, f = drop_text.shape
                 text, text_mask = text.view(b, f, *text.shape[1:]), text_mask.view(b, f, -1)
-        d = self.diffusion
-        return training_loss(
+        sp, d = self.sequence, self.diffusion
+        if sp is not None:  # this rank's frames of everything that has frames
+            x0, noise = sp.shard(x0, 2), sp.shard(noise, 2)  # (B, C, T/N, H, W)
+            t, fps, drop_text = (v if v.dim() == 1 else sp.shard(v, 1) for v in (t, fps, drop_text))
+            if text.dim() == 4:  # one caption per packed frame
+                text = sp.shard(text, 1)
+                text_mask = None if text_mask is None else sp.shard(text_mask, 1)
+            segments = None if segments is None else sp.shard(segments, 1)
+            if cond is not None:
+                cond = sp.shard(cond, 2)
+                cond_aug = cond_aug if cond_aug.dim() == 1 else sp.shard(cond_aug, 1)
+        loss = training_loss(
             self.dit,
             x0,
             t,
@@ -70,7 +86,9 @@ class DiffusionTrainer(nn.Module):
             drop_text=drop_text,
             segments=segments,
             **({} if cond is None else {"cond": cond, "cond_aug": cond_aug}),
-        )
+            **({} if sp is None else {"sequence": sp}),
+        )  # (B,)
+        return loss if sp is None else sp.mean(loss)
 
 
 # --------------------------------------------------------------------------------------------------

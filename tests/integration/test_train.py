@@ -21,7 +21,7 @@ from models.dit import VideoDiT
 from stages import artifacts
 from stages.train import NonFiniteError, checkpoint, train
 from tests import ROOT
-from tests.integration.training_data import GEOMETRY, make_training_shards
+from tests.integration.training_data import GEOMETRY, fixed_eval_loss, make_training_shards
 
 
 @pytest.fixture(scope="module")
@@ -59,33 +59,6 @@ def _weights(directory: Path, name: str) -> dict[str, torch.Tensor]:
 
 def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _fixed_eval_loss(cfg, directory: Path | None) -> float:
-    """v-loss of the initial weights (directory None: same seed, same init) or of a checkpoint's exported
-    weights, on 8 fixed samples at fixed times and noise: a learning check free of batch noise."""
-    from stages.shards.loader import loader_from_config
-    from stages.train.trainer import DiffusionTrainer
-
-    torch.manual_seed(cfg.train.seed)
-    module = DiffusionTrainer(cfg).eval()
-    if directory is not None:
-        module.dit.load_state_dict(_weights(directory, "model"))
-        module.text.load_state_dict(_weights(directory, "model_text"))
-    batches = iter(loader_from_config(cfg, rank=0, world_size=1, train=False))
-    batch = next(batches)
-    while batch.kind != "video":
-        batch = next(batches)
-    x = batch.x
-    g = torch.Generator().manual_seed(0)
-    t = torch.linspace(0.05, 0.95, x.shape[0])
-    noise = torch.randn(x.shape, generator=g)
-    with torch.no_grad():
-        loss = module(
-            x, t, noise, captions=batch.captions, text=None, text_mask=None, fps=batch.fps,
-            drop_text=torch.zeros(x.shape[0], dtype=torch.bool),
-        )  # fmt: skip
-    return loss.mean().item()
 
 
 def _launch(args: list[str], env: dict[str, str] | None = None, threads: int = 1, **kw) -> subprocess.Popen:
@@ -130,7 +103,7 @@ def test_two_process_zero_run_learns(shards, tmp_path, zero):
     assert len(losses) == 60 and all(np.isfinite(losses))
     final = artifacts.committed(out)[-1]
     cfg = _cfg(shards, out)
-    before, after = _fixed_eval_loss(cfg, None), _fixed_eval_loss(cfg, final)
+    before, after = fixed_eval_loss(cfg, None), fixed_eval_loss(cfg, final)
     assert after < 0.85 * before, (before, after)  # deterministic: same batch, times and noise
     assert final.name == "step_00000060" and {p.name for p in final.glob("rank_*.pt")} == {
         "rank_00000.pt",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from configs import SynthConfig, load_config
 from stages.preprocess import run_preprocess
 from stages.synth import run_synth
@@ -22,3 +25,30 @@ def make_training_shards(root: Path) -> Path:
     manifest = run_preprocess(cfg, [str(root / "synth")], progress=False)
     assert manifest["failed"] == 0, manifest
     return root / "shards"
+
+
+def fixed_eval_loss(cfg, directory: Path | None) -> float:
+    """v-loss of the initial weights (directory None: same seed, same init) or of a checkpoint's exported
+    weights, on 8 fixed samples at fixed times and noise: a learning check free of batch noise."""
+    from stages.shards.loader import loader_from_config
+    from stages.train.trainer import DiffusionTrainer
+
+    torch.manual_seed(cfg.train.seed)
+    module = DiffusionTrainer(cfg).eval()
+    if directory is not None:
+        module.dit.load_state_dict(load_file(directory / "exported" / "model.safetensors"))
+        module.text.load_state_dict(load_file(directory / "exported" / "model_text.safetensors"))
+    batches = iter(loader_from_config(cfg, rank=0, world_size=1, train=False))
+    batch = next(batches)
+    while batch.kind != "video":
+        batch = next(batches)
+    x = batch.x
+    g = torch.Generator().manual_seed(0)
+    t = torch.linspace(0.05, 0.95, x.shape[0])
+    noise = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        loss = module(
+            x, t, noise, captions=batch.captions, text=None, text_mask=None, fps=batch.fps,
+            drop_text=torch.zeros(x.shape[0], dtype=torch.bool),
+        )  # fmt: skip
+    return loss.mean().item()
