@@ -348,6 +348,12 @@ def _validate_pipeline(p: PipelineConfig) -> None:
         raise ValueError(f"prompts: blank prompt in {p.prompts}; every prompt needs text")
     validate_render(p.render)
     check_positive("render_gpus_per_stage", p.render_gpus_per_stage, allow_zero=True)
+    if p.render_gpus_per_stage > 1:
+        raise ValueError(
+            f"render_gpus_per_stage: got {p.render_gpus_per_stage}, expected at most 1: a cascade stage's "
+            "actor samples on one device (or a share of one); splitting one stage over several devices "
+            "(sequence parallelism) is training-only so far (docs/RENDERING.md)"
+        )
 
 
 def validate(cfg: Any) -> None:

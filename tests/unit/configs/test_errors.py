@@ -197,3 +197,10 @@ def test_a_file_that_is_not_text_or_is_a_folder_names_the_path(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config([folder])
     assert str(err.value) == f"{folder}: is a folder; expected a YAML file"
+
+
+def test_a_render_stage_cannot_be_split_over_several_gpus_yet():
+    shared = load_config(overrides=["render_gpus_per_stage=0.5"], schema=PipelineConfig)
+    assert shared.render_gpus_per_stage == 0.5
+    with pytest.raises(ConfigError, match=r"render_gpus_per_stage: got 2.0, expected at most 1: .*training"):
+        load_config(overrides=["render_gpus_per_stage=2"], schema=PipelineConfig)
