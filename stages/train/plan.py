@@ -11,8 +11,8 @@ from stages.tables import key_value_table
 
 ACTIVATION_BYTES = {"fp32": 172, "bf16": 126, "fp16": 126}
 """Bytes a transformer block keeps for backward per token and per unit of model width, by precision:
-measured with autograd's saved-tensor hooks (`activation_bytes` in tests/unit/train/test_plan.py checks it
-against the model), SDPA attention without a mask, no activation checkpointing."""
+measured with autograd's saved-tensor hooks on the CPU (tests/unit/train/test_sequence_plan.py checks the
+estimate against the model), SDPA attention without a mask, no activation checkpointing."""
 
 
 def activation_gib(cfg: RunConfig, tokens: int) -> float:

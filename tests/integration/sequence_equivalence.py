@@ -7,9 +7,10 @@
   this process without any split (the one-process reference) and writes both: the model's output
   (every rank's frames gathered), the loss and every parameter's gradient (averaged over the ranks, as
   DeepSpeed averages them).
-- MODE `deepspeed SP STAGE[,STAGE...]`: the global batch split over world / SP data-parallel groups, one
-  DeepSpeed step's loss and full gradients (gathered across ZeRO partitions) per ZeRO stage, written by
-  rank 0. STAGE `3c` is ZeRO-3 with activation checkpointing.
+- MODE `deepspeed SP STAGE[,STAGE...]`: one 4-sample global batch split over the world / SP
+  data-parallel groups (N = 1 and SP = 1: one process, the reference), one DeepSpeed step's loss and
+  full gradients (gathered across ZeRO partitions) per ZeRO stage, written by rank 0. STAGE `3c` is
+  ZeRO-3 with activation checkpointing.
 """
 
 from __future__ import annotations
