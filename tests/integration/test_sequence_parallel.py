@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from configs import load_config
+from models.dit import VideoDiT
 from stages import artifacts
 from stages.train import train
 from tests import ROOT, free_port
@@ -126,19 +127,12 @@ def _overrides(shards: Path, out: Path) -> list[str]:
 
 
 def _split_run(shards: Path, out: Path) -> subprocess.Popen:
-    """2 processes, one sequence group: `pipeline train` under torchrun."""
-    args = [
-        "-m",
-        "pipeline",
-        "train",
-        "configs/tiny.yaml",
-        *_overrides(shards, out),
-        "parallel.sequence_parallel=2",
-    ]
+    """`launch.sh train` of 2 processes, one sequence group, ZeRO-3."""
+    args = [*_overrides(shards, out), "parallel.sequence_parallel=2", "parallel.zero_stage=3", "--quiet"]
     return subprocess.Popen(
-        _torchrun(2, *args, "--quiet"),
+        [str(ROOT / "launch.sh"), "train", "configs/tiny.yaml", *args],
         cwd=ROOT,
-        env=_env(),
+        env=_env() | {"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())},
         start_new_session=True,
         text=True,
         stdout=subprocess.PIPE,
@@ -162,9 +156,15 @@ def test_a_split_run_learns_like_one_process_and_resumes_exactly(shards, tmp_pat
     proc = _split_run(shards, tmp_path / "split")
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
-    assert (
-        "1 data-parallel × 2 sequence-parallel" in output and "tokens per rank    8 per sample (1/2" in output
-    ), output
+    for line in (
+        "1 data-parallel × 2 sequence-parallel",
+        "ZeRO stage         3",
+        "tokens per rank    8 per sample",
+    ):
+        assert line in output, output
+    final = artifacts.step_dir(tmp_path / "split", 24)
+    assert {p.name for p in final.glob("rank_*.pt")} == {"rank_00000.pt", "rank_00001.pt"}
+    assert VideoDiT.from_pretrained(final / "exported", "ema.safetensors").config.depth == 2  # gathered
     split = _losses(tmp_path / "split")
     cfg = load_config([ROOT / "configs/tiny.yaml"], _overrides(shards, tmp_path / "split"))
     before, after = (
@@ -193,7 +193,9 @@ def test_a_split_run_learns_like_one_process_and_resumes_exactly(shards, tmp_pat
         assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref), name
 
     # the same checkpoint taken up by one process without the split (an elastic resume: layout 1×2 → 1×1)
-    cfg = load_config([ROOT / "configs/tiny.yaml"], _overrides(shards, tmp_path / "unsplit"))
+    cfg = load_config(
+        [ROOT / "configs/tiny.yaml"], [*_overrides(shards, tmp_path / "unsplit"), "parallel.zero_stage=3"]
+    )
     result = train(cfg, resume=str(artifacts.step_dir(out, 12)), progress=False)
     assert result.step == 24 and len(result.losses) == 12 and all(loss == loss for loss in result.losses)
     assert "(data-parallel × sequence-parallel 1×2 to 1×1)" in capsys.readouterr().out
