@@ -40,23 +40,8 @@ from configs import model_config
 from models.dit import VideoDiT
 from models.flops import forward_flops
 from stages.precision import torch_dtype
+from stages.train.plan import saved_tensor_bytes
 from stages.train.sequence_parallel import Layout, SequenceGroup
-
-
-def saved_bytes(model: VideoDiT, run) -> int:
-    """Bytes autograd keeps for backward during `run()` (storages once, parameters left out)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(seen.values())
 
 
 def worker(rank: int, sp: int, store: str, args: argparse.Namespace, results: dict) -> None:
@@ -103,7 +88,7 @@ def worker(rank: int, sp: int, store: str, args: argparse.Namespace, results: di
         forward().float().square().mean().backward()
         model.zero_grad(set_to_none=True)
 
-    kept = saved_bytes(model, forward)
+    kept = saved_tensor_bytes(model, forward)
     times, comms = [], []
     for i in range(args.warmup + args.iters):
         if cuda:

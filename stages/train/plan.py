@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from configs import RunConfig
 from models.flops import forward_flops, parameter_count, token_grid
@@ -13,6 +16,23 @@ ACTIVATION_BYTES = {"fp32": 172, "bf16": 126, "fp16": 126}
 """Bytes a transformer block keeps for backward per token and per unit of model width, by precision:
 measured with autograd's saved-tensor hooks on the CPU (tests/unit/train/test_sequence_plan.py checks the
 estimate against the model), SDPA attention without a mask, no activation checkpointing."""
+
+
+def saved_tensor_bytes(module: torch.nn.Module, run: Callable[[], object]) -> int:
+    """Bytes autograd keeps for backward while `run()` runs a forward of `module` (each storage once, the
+    module's parameters left out): the measured activation memory `ACTIVATION_BYTES` comes from."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(seen.values())
 
 
 def activation_gib(cfg: RunConfig, tokens: int) -> float:

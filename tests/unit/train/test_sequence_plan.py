@@ -9,7 +9,7 @@ import torch
 from configs import ConfigError, load_config
 from configs.validate import check_sequence_parallel
 from models.dit import VideoDiT
-from stages.train.plan import activation_gib, format_training_plan, training_plan
+from stages.train.plan import activation_gib, format_training_plan, saved_tensor_bytes, training_plan
 from tests import ROOT
 
 
@@ -57,23 +57,6 @@ def test_the_plan_shows_the_split():
     assert "8 = 4 data-parallel × 2 sequence-parallel" in text and "1024 per sample (1/2" in text
 
 
-def _saved_gib(model: VideoDiT, frames: int, size: int, batch: int) -> float:
-    """GiB autograd keeps for backward in one forward (storages counted once, parameters left out)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    x = torch.randn(batch, 3, frames, size, size)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(x, torch.rand(batch), text=torch.randn(batch, 8, model.config.text_dim))
-    return sum(seen.values()) / 2**30
-
-
 @pytest.mark.parametrize(
     "overrides",
     [(), ("model.width=128", "model.depth=3", "data.frames=4", "data.height=48", "data.width=48")],
@@ -82,5 +65,8 @@ def test_the_activation_estimate_matches_what_autograd_keeps(overrides):
     cfg = _cfg(*overrides)
     d = cfg.data
     tokens = d.batch_size * d.frames * (d.height // 2) * (d.width // 2)
-    measured = _saved_gib(VideoDiT(cfg.model), d.frames, d.height, d.batch_size)
+    model = VideoDiT(cfg.model)
+    x = torch.randn(d.batch_size, 3, d.frames, d.height, d.width)
+    text = torch.randn(d.batch_size, 8, cfg.model.text_dim)
+    measured = saved_tensor_bytes(model, lambda: model(x, torch.rand(d.batch_size), text=text)) / 2**30
     assert activation_gib(cfg, tokens) == pytest.approx(measured, rel=0.1)
