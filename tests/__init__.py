@@ -1,5 +1,6 @@
 """Tessera's tests: unit/<job>/ (fast, CPU, one process) and integration/ (processes, Ray, trainings)."""
 
+import os
 import socket
 from pathlib import Path
 
@@ -12,3 +13,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+RENDEZVOUS = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"})
+"""The launcher variables an in-process training sets; a child process must not inherit them."""
+
+
+def without_rendezvous() -> dict[str, str]:
+    """This process's environment less `RENDEZVOUS`, for a child that starts its own world."""
+    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}

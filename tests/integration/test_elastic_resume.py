@@ -6,7 +6,6 @@ tests/unit/shards/test_resize.py."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ from stages.train import train
 from stages.train.checkpoint import deepspeed_types, load_tensors
 from stages.train.loop import TrainingRun
 from stages.train.trainer import full_state
-from tests import ROOT, free_port
+from tests import ROOT, free_port, without_rendezvous
 from tests.integration.training_data import GEOMETRY, make_training_shards
 
 RESIZED = "resized from world size {} to {}"
@@ -50,8 +49,7 @@ def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
 
 def _launch(nproc: int, shards: Path, out: Path, *extra: str) -> str:
     """`./launch.sh train` with `nproc` CPU processes; returns its output (the run must succeed)."""
-    rendezvous = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env = without_rendezvous()
     env.update(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     done = subprocess.run(
         [str(ROOT / "launch.sh"), "train", "configs/tiny.yaml", *_overrides(shards, out, *extra), "--quiet"],

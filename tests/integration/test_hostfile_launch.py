@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from stages import artifacts
-from tests import ROOT, free_port
+from tests import ROOT, free_port, without_rendezvous
 from tests.integration.training_data import GEOMETRY, make_training_shards
 
 TOOLS = {"sshd": "/usr/sbin/sshd", "ssh": shutil.which("ssh"), "ssh-keygen": shutil.which("ssh-keygen")}
@@ -73,8 +73,7 @@ def test_hostfile_launch_trains_commits_and_resumes(sshd, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     out = tmp_path / "run"
-    rendezvous = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env = without_rendezvous()
     env |= {"HOSTFILE": str(hostfile), "SSH_PORT": str(port), "MASTER_ADDR": "127.0.0.1"}
     env |= {"PATH": f"{bin_dir}:{env['PATH']}", "OMP_NUM_THREADS": "1"}
 

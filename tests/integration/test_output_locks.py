@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from configs import SynthConfig
 from pipeline.cli import main
 from stages.folder_lock import LOCK_NAME, FolderInUse
 from stages.synth import run_synth
-from tests import ROOT
+from tests import ROOT, without_rendezvous
 from tests.folder_locks import held_by_another_process
 from tests.integration.training_data import GEOMETRY, make_training_shards
 from tests.render_fixtures import VIDEO_STAGES, build_cascade
@@ -94,8 +93,7 @@ def test_training_refuses_an_out_dir_in_use(shards, tmp_path):
 def test_every_rank_of_a_two_process_training_refuses_an_out_dir_in_use(shards, tmp_path):
     out = tmp_path / "train"
     args = [*GEOMETRY, f"data.shards={shards}", f"train.out_dir={out}", "--quiet"]
-    rendezvous = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env = without_rendezvous()
     with held_by_another_process(out) as pid:
         proc = subprocess.run(
             [str(ROOT / "launch.sh"), "train", "configs/tiny.yaml", *args],

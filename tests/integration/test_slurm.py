@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from stages import artifacts
-from tests import ROOT
+from tests import ROOT, without_rendezvous
 from tests.integration.slurm_cluster import Cluster, free_port, missing_programs, start_cluster
 from tests.integration.training_data import GEOMETRY, make_training_shards
 
@@ -61,8 +61,7 @@ def shards(tmp_path_factory) -> Path:
 def _env(cluster: Cluster) -> dict[str, str]:
     """The submitter's environment, which the job inherits (sbatch --export=ALL): the cluster's config,
     a free rendezvous port, one OMP thread per rank (exact losses depend on it)."""
-    rendezvous = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    base = {k: v for k, v in os.environ.items() if k not in rendezvous and not k.startswith("SLURM_")}
+    base = {k: v for k, v in without_rendezvous().items() if not k.startswith("SLURM_")}
     return {**base, **cluster.env, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
 
 

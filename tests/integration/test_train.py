@@ -20,7 +20,7 @@ from configs import load_config
 from models.dit import VideoDiT
 from stages import artifacts
 from stages.train import NonFiniteError, checkpoint, train
-from tests import ROOT
+from tests import ROOT, without_rendezvous
 from tests.integration.training_data import GEOMETRY, fixed_eval_loss, make_training_shards
 
 
@@ -67,8 +67,7 @@ def _launch(args: list[str], env: dict[str, str] | None = None, threads: int = 1
     `threads` sets the child's OMP threads: float reductions, hence exact losses, depend on it, so a
     child that must match an in-process run uses this process's torch thread count.
     """
-    rendezvous = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    base = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    base = without_rendezvous()
     return subprocess.Popen(
         args,
         cwd=ROOT,

@@ -21,7 +21,7 @@ from configs import load_config
 from pipeline.cli import main
 from stages import artifacts
 from stages.train import ops, train
-from tests import ROOT
+from tests import ROOT, without_rendezvous
 from tests.integration.training_data import GEOMETRY, make_training_shards
 from tests.render_fixtures import IMAGE_STAGES, build_cascade
 
@@ -94,8 +94,7 @@ def test_stale_op_build_locks_do_not_hang_a_training(shards, tmp_path):
         (extensions / op).mkdir(parents=True)
         (extensions / op / "lock").touch()
     out = tmp_path / "run"
-    rendezvous = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env = without_rendezvous()
     env |= {"TORCH_EXTENSIONS_DIR": str(extensions), "OMP_NUM_THREADS": "1"}
     args = _args(shards, out, "train.steps=2", "train.checkpoint_every=2")
     proc = subprocess.Popen(
