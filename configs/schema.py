@@ -40,6 +40,7 @@ GuidanceSchedule = Literal["constant", "oscillating"]
 TrainPrecision = Literal["fp32", "bf16", "fp16"]
 """Training precisions."""
 RenderPrecision = Literal["fp32", "bf16"]
+RenderDevice = Literal["auto", "cuda", "cpu"]
 """Dtypes a cascade's models sample in."""
 ResizeMode = Literal["crop", "bucket"]
 """How preprocessing fits a clip to the training geometry."""
@@ -289,6 +290,10 @@ class RenderConfig:
     """Write a PNG contact sheet per prompt (one row per stage, frames across)."""
     precision: RenderPrecision = "fp32"
     """fp32 or bf16: dtype of the stage models while sampling (sampler state and outputs stay float32)."""
+    devices: int = 0
+    """Devices for stage replicas, split between stages by cost (--gpus, --workers); 0: one per stage."""
+    device: RenderDevice = "auto"
+    """Where replicas run: cuda (a GPU each, shared if devices < stages), cpu, auto (cuda if Ray has GPUs)."""
 
 
 @dataclass
@@ -424,5 +429,3 @@ class PipelineConfig:
     """Prompts rendered through the cascade, one video each."""
     render: RenderConfig = field(default_factory=RenderConfig)
     """The render stage's settings; render.out_dir is set by the pipeline, to {out_dir}/renders."""
-    render_gpus_per_stage: float = 0.0
-    """GPUs Ray reserves per cascade stage's actor (0 on CPU machines); a Ray placement, not in `render`."""

@@ -281,10 +281,12 @@ def check_sequence_parallel(cfg: RunConfig, world: int | None = None) -> None:
 
 
 def validate_render(r: RenderConfig) -> None:
-    """Render settings: batch size, seed and precision (checked by `stages.render` before any work)."""
+    """Render settings: batch size, seed, precision and devices (checked by `stages.render` before any
+    work)."""
     if r.batch_size < 1:
         raise ValueError(f"render.batch_size: got {r.batch_size}, expected >= 1")
     check_positive("render.seed", r.seed, allow_zero=True)
+    _check_integer("render.devices", r.devices, 0)
     check_choices(r, "render")
 
 
@@ -347,13 +349,6 @@ def _validate_pipeline(p: PipelineConfig) -> None:
     if any(not text.strip() for text in p.prompts):
         raise ValueError(f"prompts: blank prompt in {p.prompts}; every prompt needs text")
     validate_render(p.render)
-    check_positive("render_gpus_per_stage", p.render_gpus_per_stage, allow_zero=True)
-    if p.render_gpus_per_stage > 1:
-        raise ValueError(
-            f"render_gpus_per_stage: got {p.render_gpus_per_stage}, expected at most 1: a cascade stage's "
-            "actor samples on one device (or a share of one); splitting one stage over several devices "
-            "(sequence parallelism) is training-only so far (docs/RENDERING.md)"
-        )
 
 
 def validate(cfg: Any) -> None:

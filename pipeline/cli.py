@@ -33,6 +33,10 @@ from pipeline.graph import GraphError
 from stages.atomic import NoSpaceLeft
 from stages.folder_lock import FolderInUse, check_output_folder, folder_lock
 
+PLAN_TFLOPS = 200.0
+"""`render --plan --gpus N`'s default achieved TFLOP/s per device: an assumption (about a fifth of an
+H100's or H200's dense bf16 peak), never a measurement; --tflops replaces it."""
+
 OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=.*", re.DOTALL)
 """A `dotted.key=value` config override, as opposed to an input path."""
 
@@ -173,7 +177,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return leave_distributed(code)
 
 
+def _render_devices(args: argparse.Namespace) -> tuple[int, str]:
+    """(render.devices, render.device) from --gpus / --workers."""
+    if args.gpus is not None and args.workers is not None:
+        raise ValueError("--gpus N (GPU replicas) or --workers N (CPU replicas), not both")
+    if args.gpus is not None:
+        return args.gpus, "cuda"
+    if args.workers is not None:
+        return args.workers, "cpu"
+    return RenderConfig.devices, RenderConfig.device
+
+
 def _render_settings(args: argparse.Namespace) -> RenderConfig:
+    devices, device = _render_devices(args)
+    if args.local and devices:
+        raise ValueError("--local runs one replica per stage in this process; --gpus/--workers need Ray")
     return RenderConfig(
         out_dir=args.out,
         seed=args.seed,
@@ -181,6 +199,8 @@ def _render_settings(args: argparse.Namespace) -> RenderConfig:
         save_intermediate=not args.no_intermediate,
         contact_sheet=not args.no_sheet,
         precision=args.precision,
+        devices=devices,
+        device=device,
     )
 
 
@@ -192,15 +212,28 @@ def _render_executor(args: argparse.Namespace):
     return ray_executor(args.address)
 
 
+def _finished(summary) -> int:
+    """Print the summary table; 1 when any prompt failed (listed in failures.jsonl)."""
+    print(summary.table())
+    return 1 if summary.failures else 0
+
+
 def _cmd_render(args: argparse.Namespace) -> int:
     from configs import load_cascade
 
     cascade = load_cascade(args.cascade, args.overrides)
     if args.plan:
-        from stages.render import format_cascade_plan, plan_cascade
+        from stages.render import format_cascade_plan, format_replica_plan, plan_cascade, plan_replicas
 
         rows = plan_cascade(cascade, batch_size=args.batch_size)
-        print(json.dumps(rows, indent=2) if args.json else format_cascade_plan(rows))
+        devices = _render_devices(args)[0]
+        split = plan_replicas(rows, devices, args.tflops) if devices else None
+        if args.json:
+            print(json.dumps({"stages": rows, "replicas": split} if split else rows, indent=2))
+        else:
+            print(format_cascade_plan(rows))
+            if split:
+                print(f"\n{format_replica_plan(split, devices, args.tflops)}")
         return 0
     if args.json:
         raise ValueError("--json goes with --plan")
@@ -220,8 +253,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         executor=_render_executor(args),
         progress=not args.quiet,
     )
-    print(summary.table())
-    return 0
+    return _finished(summary)
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:
@@ -240,8 +272,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         executor=_render_executor(args),
         progress=not args.quiet,
     )
-    print(summary.table())
-    return 0
+    return _finished(summary)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -318,6 +349,12 @@ def _render_options(p: argparse.ArgumentParser) -> None:
         help=f"dtype of the stage models: {' or '.join(get_args(RenderPrecision))} (outputs stay float32)",
     )
     p.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")
+    p.add_argument(
+        "--gpus", type=int, help="GPUs for stage replicas, split between the stages by cost (render.devices)"
+    )
+    p.add_argument(
+        "--workers", type=int, help="CPU actors for stage replicas, split by cost (render.devices)"
+    )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else an in-process Ray)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -406,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (one folder per prompt; rerun to resume)")
     p.add_argument("--plan", action="store_true", help="print the stages' shapes and costs; load nothing")
     p.add_argument("--json", action="store_true", help="with --plan: print the rows as JSON")
+    p.add_argument(
+        "--tflops",
+        type=float,
+        default=PLAN_TFLOPS,
+        help="with --plan --gpus N: TFLOP/s one device achieves, for the expected videos/hour (default: "
+        "%(default)s, an assumption; measure it with bench/render.py)",
+    )
     p.set_defaults(func=_cmd_render)
     p = sub.add_parser("upscale", help="take a clip through a cascade's super-resolution stages")
     p.add_argument("input", help="video (or image, for still cascades) to upscale")

@@ -338,7 +338,7 @@ class PipelineJob:
 
     def _render(self) -> str:
         from pipeline.ray_render import ray_executor
-        from stages.render import render
+        from stages.render import FAILURES, render
 
         cfg = self.cfg
         summary = render(
@@ -346,9 +346,16 @@ class PipelineJob:
             cfg.prompts,
             self.render,
             cascade_file=cfg.cascade,
-            executor=ray_executor(self.address, num_gpus=cfg.render_gpus_per_stage or None),
+            executor=ray_executor(self.address),
             progress=self.progress,
         )
+        if summary.failures:
+            first = summary.failures[0]
+            raise RuntimeError(
+                f"{len(summary.failures)} of {len(summary.prompts)} prompts failed "
+                f"(first: prompt {first['index']} at {first['stage']}: {first['reason']}); see "
+                f"{summary.out_dir / FAILURES}"
+            )
         return f"{len(summary.prompts)} videos in {summary.out_dir} ({summary.seconds:.0f} s)"
 
     def _report(self) -> str:

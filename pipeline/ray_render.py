@@ -1,111 +1,127 @@
-"""Ray adapter for rendering: one actor per cascade stage, batches submitted asynchronously.
+"""Ray adapter for rendering: a pool of actors per cascade stage, batches submitted asynchronously.
 
-Each actor holds one `stages.render.StageRunner` (the same class `--local` runs in-process), built
-from its `StageSpec` argument, so the weights load once per stage and stay on the actor's device. The
-driver's scheduler (`stages.render.schedule`) keeps at most one batch in flight per stage and collects
-whichever finishes first with `ray.wait`, so while the SSR actor works on prompt 0 the TSR actor can
-work on prompt 1 and the base on prompt 2. Outputs come back to the driver, which writes every file.
+Each actor holds one `stages.render.StageWorker` (the same class `--local` runs in-process): a stage's
+weights load once per replica and stay on its device, and the replica writes its outputs itself, so
+only jobs and small records cross the driver. The driver's scheduler (`stages.render.schedule`) gives
+each stage's batches to whichever of its replicas is free and collects whichever finishes first with
+`ray.wait`, so every stage works on other prompts at once.
 
-Devices: with GPUs in the cluster each actor asks for one (`num_gpus=1`); with fewer GPUs than stages
-they share them (`num_gpus = GPUs / stages`), so a one-GPU machine still runs the whole cascade; on a
-CPU-only cluster actors take no GPU and use Ray's default actor CPU accounting.
+Devices (`render.devices`, `render.device`): on `cuda` every replica asks Ray for one GPU (a share
+when there are fewer devices than stages, so a one-GPU machine still runs the whole cascade); on
+`cpu` a replica reserves nothing (Ray's actor default), so a lost node's replicas always find room on
+the nodes left, and samples on one thread (Ray sets OMP_NUM_THREADS=1 for such actors). `auto` is
+cuda when the cluster has GPUs.
 
-Nodes: the actors spread over the cluster's nodes, and an actor lost with its node restarts on another
-(up to `RESTARTS` times) where its pending batch runs again; the driver still writes each output
-once, so a render survives a lost node with every prompt rendered exactly once.
+Failures: a replica whose process or node dies is restarted by Ray (on another node if need be) and
+its batch runs again there (`RESTARTS`); past that the scheduler replaces the replica and resubmits
+(`stages.render.schedule.RETRIES`). A retried batch skips the files its dead attempt wrote.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
-
 from pipeline.ray_cluster import ensure_ray
-from stages.render import ExecutorFactory, StageItem, StageRunner, StageSpec, timed_run
+from stages.render import ExecutorFactory, PromptJob, RenderContext, ReplicaLost, StageRecord, StageWorker
 
 RESTARTS = 3
-"""How often a stage actor is restarted (and its batch retried) after dying, e.g. with its node."""
+"""How often Ray restarts a stage actor (and retries its batch) after it died, e.g. with its node."""
 
 
 class _StageActor:
-    """Ray actor body: a `StageRunner` and a timed `run`."""
+    """Ray actor body: a `StageWorker`."""
 
-    def __init__(self, spec: StageSpec) -> None:
-        self.runner = StageRunner(spec)
+    def __init__(self, context: RenderContext, position: int, device: str, runner_factory: Any) -> None:
+        self.worker = StageWorker(context, position, device, runner_factory)
 
-    def run(self, batch: list[StageItem]) -> tuple[list[Tensor], float]:
-        return timed_run(self.runner, batch)
+    def ready(self) -> bool:
+        return self.worker.ready()
+
+    def run(self, jobs: list[PromptJob]) -> list[StageRecord]:
+        return self.worker.run(jobs)
 
 
-def gpus_per_stage(cluster_gpus: float, stages: int) -> float:
-    """1 GPU per stage actor when the cluster has enough, else an equal share; 0 without GPUs."""
-    if cluster_gpus <= 0 or stages <= 0:
-        return 0.0
-    return 1.0 if cluster_gpus >= stages else cluster_gpus / stages
+def replica_resources(device: str, budget: float, replicas: int) -> dict[str, float]:
+    """What Ray reserves per replica: on cuda one GPU when the budget covers every replica, else an
+    equal share of it; on cpu nothing."""
+    if device != "cuda":
+        return {}
+    return {"num_gpus": 1.0 if budget >= replicas else budget / replicas}
 
 
 class RayExecutor:
-    """A `StageExecutor` with one Ray actor per stage: `prepare` starts the actors of every stage the
-    render needs up front, so their weights load in parallel (a stage that is submitted to before being
-    prepared gets its actor then)."""
+    """A `StageExecutor` with pools of Ray actors (see the module docstring)."""
 
-    def __init__(self, specs: list[StageSpec], num_gpus: float | None = None) -> None:
+    def __init__(self, context: RenderContext, runner_factory: Callable[..., Any] | None = None) -> None:
         import ray
 
-        self.ray = ray
-        self.specs = specs
-        if num_gpus is None:
-            num_gpus = gpus_per_stage(float(ray.cluster_resources().get("GPU", 0.0)), len(specs))
-        self.num_gpus = num_gpus
-        self.actors: dict[int, Any] = {}
-        self.pending: dict[Any, int] = {}
+        self.ray, self.context, self.runner_factory = ray, context, runner_factory
+        settings = context.settings
+        resources = ray.cluster_resources()
+        gpus = float(resources.get("GPU", 0.0))
+        self.device = settings.device if settings.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+        if self.device == "cuda" and gpus < max(1, settings.devices):
+            raise ValueError(
+                f"render.devices={settings.devices} on cuda (--gpus): the Ray cluster has {gpus:g} GPUs"
+            )
+        self.budget = float(settings.devices) or gpus
+        self.options: dict[str, Any] = {}
+        self.actors: dict[tuple[int, int], Any] = {}
+        self.pending: dict[Any, tuple[int, int]] = {}
 
-    def _actor(self, stage: int) -> Any:
-        if stage not in self.actors:
-            options: dict[str, Any] = {
-                "max_restarts": RESTARTS,
-                "max_task_retries": RESTARTS,
-                "scheduling_strategy": "SPREAD",
-            }
-            if self.num_gpus > 0:
-                options["num_gpus"] = self.num_gpus
-            remote = self.ray.remote(_StageActor).options(**options)
-            self.actors[stage] = remote.remote(self.specs[stage])
-        return self.actors[stage]
+    def _new(self, stage: int) -> Any:
+        remote = self.ray.remote(_StageActor).options(**self.options)
+        return remote.remote(self.context, stage, self.device, self.runner_factory)
 
-    def prepare(self, stages: list[int]) -> None:
-        """Start the actors of these stages now, so their weights load in parallel."""
-        for stage in stages:
-            self._actor(stage)
+    def start(self, replicas: list[int]) -> None:
+        self.options = {
+            "max_restarts": RESTARTS,
+            "max_task_retries": RESTARTS,
+            "scheduling_strategy": "SPREAD",
+            **replica_resources(self.device, self.budget, sum(replicas)),
+        }
+        for p, count in enumerate(replicas):
+            for r in range(count):
+                self.actors[(p, r)] = self._new(p)
+        for (p, _), actor in self.actors.items():  # weights load on every replica at once
+            try:
+                self.ray.get(actor.ready.remote())
+            except self.ray.exceptions.RayError as err:
+                name = self.context.specs[p].name
+                raise RuntimeError(f"stage '{name}': a replica could not load: {err}") from None
 
-    def submit(self, stage: int, batch: list[StageItem]) -> None:
-        ref = self._actor(stage).run.remote(batch)
-        self.pending[ref] = stage
+    def submit(self, stage: int, replica: int, jobs: list[PromptJob]) -> None:
+        self.pending[self.actors[(stage, replica)].run.remote(jobs)] = (stage, replica)
 
-    def next_result(self) -> tuple[int, list[Tensor], float]:
+    def next_result(self) -> tuple[int, int, list[StageRecord] | ReplicaLost]:
         ready, _ = self.ray.wait(list(self.pending), num_returns=1)
-        ref = ready[0]
-        stage = self.pending.pop(ref)
-        outputs, seconds = self.ray.get(ref)
-        return stage, outputs, seconds
+        stage, replica = self.pending.pop(ready[0])
+        try:
+            return stage, replica, self.ray.get(ready[0])
+        except self.ray.exceptions.RayError as err:  # died past its restarts, or raised outside a prompt
+            return stage, replica, ReplicaLost(f"{type(err).__name__}: {str(err)[:400]}")
+
+    def replace(self, stage: int, replica: int) -> None:
+        self.ray.kill(self.actors[(stage, replica)], no_restart=True)
+        self.actors[(stage, replica)] = self._new(stage)
 
     def close(self) -> None:
         for actor in self.actors.values():
-            self.ray.kill(actor)
+            self.ray.kill(actor, no_restart=True)
         self.actors.clear()
         self.pending.clear()
 
 
 def ray_executor(
-    address: str | None = None, num_gpus: float | None = None, num_cpus: int | None = None
+    address: str | None = None, num_cpus: int | None = None, runner_factory: Callable[..., Any] | None = None
 ) -> ExecutorFactory:
     """An `ExecutorFactory` for `stages.render.render` / `upscale` running on Ray: in-process (dashboard
-    off) unless `address` or $RAY_ADDRESS names a cluster. `num_gpus` per actor overrides the default
-    (see the module docstring)."""
+    off) unless `address` or $RAY_ADDRESS names a cluster. `runner_factory(spec, device)` builds each
+    replica's runner (default `StageRunner`; tests inject faults through it)."""
 
-    def build(specs: list[StageSpec]) -> RayExecutor:
+    def build(context: RenderContext) -> RayExecutor:
         ensure_ray(address, num_cpus=num_cpus)
-        return RayExecutor(specs, num_gpus)
+        return RayExecutor(context, runner_factory)
 
     return build

@@ -3,42 +3,43 @@
 `render(cascade, prompts, settings)` samples every prompt through every stage; `upscale(...)` takes a
 user's clip through the stages from one super-resolution stage on. Both check everything that can be
 checked before any weights load (prompts, checkpoints, prompt lengths, existing outputs), then hand
-the work to a small scheduler:
+the work to the scheduler (`stages.render.schedule`):
 
-- every stage has a queue of prompts waiting for it; an idle stage takes up to `render.batch_size` of
-  them as one batch, so different prompts occupy different stages at once;
+- prompts go through the stages in fixed batches of `render.batch_size`, pipelined, each stage served
+  by a pool of replicas: `render.devices` split between the stages by their seconds per video
+  (measured by an earlier render into the same folder, else estimated from FLOPs), one each by default;
 - stages run behind a `StageExecutor`: `LocalExecutor` runs them in this process (tests, `--local`),
-  `pipeline.ray_render` runs one Ray actor per stage and overlaps them;
-- each finished stage output is written at once (`stages/{k:02d}-{stage}.safetensors`); the sidecar
-  `video.json`, written last, marks a finished prompt.
+  `pipeline.ray_render` on pools of Ray actors;
+- each stage's worker writes its outputs itself (`stages/{k:02d}-{stage}.safetensors`, `stages.render.
+  worker`); the sidecar `video.json`, written last, marks a finished prompt;
+- a prompt whose stage raises is recorded in `failures.jsonl` (prompt, stage, reason) and the others
+  go on; `RenderSummary.failures` lists them, and the CLI exits non-zero.
 
 Resume: a rerun skips prompts with a sidecar and continues the others from their last stage file.
 Every stage file and sidecar carries a fingerprint of what made it (seed, prompt, checkpoint, stage
 settings, upstream stage), so a rerun with other settings into the same directory fails with a message
 instead of mixing outputs. Randomness is keyed by (prompt index, stage index) (see
-`stages.render.stage`), so the same seed gives the same videos whatever the batching (bitwise on CPU
-for the same batch size, within float tolerance otherwise).
+`stages.render.stage`), and a batch keeps its prompts through every stage, so the same seed gives the
+same videos bit for bit on CPU for the same batch size whatever the replicas (within float tolerance
+for another batch size).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
 from configs import CascadeConfig, RenderConfig, fingerprint, validate_cascade
 from configs.validate import validate_render
-from stages.atomic import remove_leftovers
+from stages.atomic import remove_leftovers, write_text
 from stages.folder_lock import folder_lock
-from stages.media import contact_sheet
 from stages.render.output import (
     SIDECAR,
     load_input_video,
-    load_video_tensor,
     prompt_dir,
     read_json,
     read_video_metadata,
@@ -46,15 +47,17 @@ from stages.render.output import (
     slugify,
     stage_path,
     tensor_digest,
-    video_frames,
     write_json,
-    write_media,
 )
+from stages.render.plan import plan_cascade, split_replicas
 from stages.render.prompts import Prompt, check_prompts, prompt_label
-from stages.render.schedule import ExecutorFactory, PromptJob, local_stage_executor, schedule
+from stages.render.schedule import ExecutorFactory, local_stage_executor, schedule
 from stages.render.stage import StageSpec, check_prompt_lengths, prepare_stages
+from stages.render.worker import INPUT_FILE, PromptJob, RenderContext, StageRecord, finalize
 
 SUMMARY = "render.json"
+FAILURES = "failures.jsonl"
+"""One JSON line per prompt that failed in this run: index, prompt, stage, reason (empty: none)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +109,7 @@ def _mismatch(path: Path, stored: Any, expected: Any) -> ValueError:
 
 
 def _resume(job: PromptJob, specs: list[StageSpec]) -> None:
-    """Set job.next / job.video from the files a previous run left (raise on foreign outputs)."""
+    """Set job.next from the files a previous run left (raise on foreign outputs)."""
     sidecar = read_json(job.dir / SIDECAR)
     if sidecar is not None:
         if sidecar.get("fingerprint") != job.fingerprints[-1]:
@@ -121,88 +124,99 @@ def _resume(job: PromptJob, specs: list[StageSpec]) -> None:
         if meta.get("fingerprint") != job.fingerprints[p]:
             raise _mismatch(path, meta.get("settings"), job.settings[p])
         job.next = p + 1
-    if job.next > 0:
-        last = specs[job.next - 1]
-        job.video = load_video_tensor(stage_path(job.dir, last.index, last.name, ".safetensors"))
-        job.status = f"resumed after {last.name}"
-    else:
-        job.status = "rendered"
+    job.status = "rendered" if job.next == 0 else f"resumed after {specs[job.next - 1].name}"
 
 
 # ---------------------------------------------------------------------------------------------------
-# Writing outputs
+# Running: replicas, progress, records
 # ---------------------------------------------------------------------------------------------------
+
+
+def stage_costs(specs: list[StageSpec], cascade: CascadeConfig, out: Path) -> tuple[list[float], str]:
+    """Seconds (or FLOPs) per video of each stage, and where they come from: measured by an earlier
+    render into `out` (its render.json, when it timed every one of these stages), else the plan's FLOPs."""
+    earlier = read_json(out / SUMMARY) or {}
+    timed = {s.get("name"): s for s in earlier.get("stages", []) if isinstance(s, dict)}
+    measured = []
+    for spec in specs:
+        row = timed.get(spec.name) or {}
+        prompts, seconds = row.get("prompts"), row.get("seconds")
+        if not (
+            isinstance(prompts, int) and prompts > 0 and isinstance(seconds, (int, float)) and seconds > 0
+        ):
+            break
+        measured.append(seconds / prompts)
+    if len(measured) == len(specs):
+        return measured, f"measured ({out / SUMMARY})"
+    rows = plan_cascade(cascade)
+    return [rows[s.index]["flops_per_step"] * rows[s.index]["steps"] for s in specs], "estimated (FLOPs)"
+
+
+def _replicas(jobs: list[PromptJob], specs: list[StageSpec], costs: list[float], devices: int) -> list[int]:
+    """Replicas per stage position: none for stages every pending job is past, the device budget split
+    by cost over the rest (one each when `devices` is 0)."""
+    first = min(j.next for j in jobs)
+    needed = len(specs) - first
+    split = split_replicas(costs[first:], devices) if devices else [1] * needed
+    return [0] * first + split
 
 
 @dataclass
-class _Writer:
+class _Progress:
+    """Per stage: a bar (videos done, videos/hour, ETA) and the counts of the summary."""
+
     specs: list[StageSpec]
-    settings: RenderConfig
-    header: dict[str, Any]
+    replicas: list[int]
+    jobs: list[PromptJob]
+    enabled: bool
     stats: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    bars: list[Any] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
 
-    def stage_done(self, job: PromptJob, p: int, video: Tensor, seconds: float, batch: int) -> None:
-        spec = self.specs[p]
-        meta = {
-            "fingerprint": job.fingerprints[p],
-            "settings": job.settings[p],
-            "seconds": seconds / batch,
-            "batch_seconds": seconds,
-            "batch_size": batch,
-        }
-        save_video_tensor(stage_path(job.dir, spec.index, spec.name, ".safetensors"), video, meta)
-        self.stats[p]["prompts"] += 1
-        self.stats[p]["seconds"] += seconds / batch
-        if p < len(self.specs) - 1 and self.settings.save_intermediate:
-            write_media(video_frames(video), stage_path(job.dir, spec.index, spec.name, ""), spec.stage.fps)
-        if p == len(self.specs) - 1:
-            self.finalize(job)
+    def __post_init__(self) -> None:
+        from tqdm.auto import tqdm
 
-    def finalize(self, job: PromptJob) -> None:
-        """Write the final media, the missing intermediates, the contact sheet, then the sidecar."""
-        rows, labels, records = [], [], []
-        if job.input is not None:
-            rows.append(video_frames(job.input))
-            labels.append("input")
-        last = len(self.specs) - 1
-        for p, spec in enumerate(self.specs):
-            path = stage_path(job.dir, spec.index, spec.name, ".safetensors")
-            meta = read_video_metadata(path) or {}
-            frames = video_frames(load_video_tensor(path))
-            rows.append(frames)
-            labels.append(spec.name)
-            base = stage_path(job.dir, spec.index, spec.name, "")
-            media = base.with_name(base.name + (".mp4" if spec.stage.fps > 0 else ".png"))
-            if p < last and self.settings.save_intermediate and not media.is_file():
-                write_media(frames, base, spec.stage.fps)
-            records.append(
-                {
-                    **spec.record(),
-                    "file": str(path.relative_to(job.dir)),
-                    "seconds": meta.get("seconds"),
-                    "batch_seconds": meta.get("batch_seconds"),
-                    "batch_size": meta.get("batch_size"),
-                }
+        self.stats = [
+            {"name": s.name, "replicas": n, "prompts": 0, "failed": 0, "seconds": 0.0}
+            for s, n in zip(self.specs, self.replicas)
+        ]
+        self.bars = [
+            tqdm(
+                total=len(self.jobs),
+                initial=sum(j.next > p for j in self.jobs),
+                desc=f"{spec.name} ×{n}",
+                unit="video",
+                position=p,
+                disable=not self.enabled,
             )
-        final_fps = self.specs[last].stage.fps
-        output = write_media(rows[-1], job.dir / ("video" if final_fps > 0 else "image"), final_fps)
-        sheet = None
-        if self.settings.contact_sheet:
-            contact_sheet(rows, job.dir / "sheet.png", labels=labels)
-            sheet = "sheet.png"
-        sidecar = {
-            "prompt": job.prompt,
-            "index": job.index,
-            "seed": self.settings.seed,
-            "precision": self.settings.precision,
-            **self.header,
-            "output": output.name,
-            "sheet": sheet,
-            "stages": records,
-            "settings": job.settings,
-            "fingerprint": job.fingerprints[-1],
-        }
-        write_json(job.dir / SIDECAR, sidecar)
+            for p, (spec, n) in enumerate(zip(self.specs, self.replicas))
+        ]
+
+    def done(self, job: PromptJob, p: int, record: StageRecord) -> None:
+        stats = self.stats[p]
+        if record.status == "failed":
+            stats["failed"] += 1
+            stage = self.specs[p].name
+            self.failures.append(
+                {"index": job.index, "prompt": job.prompt, "stage": stage, "reason": record.reason}
+            )
+            job.status = f"failed at {stage}"
+            for bar in self.bars[p:]:
+                bar.total -= 1
+                bar.refresh()
+            return
+        stats["prompts"] += 1
+        stats["seconds"] += record.seconds
+        bar = self.bars[p]
+        bar.update(1)
+        hours = (time.perf_counter() - self.start) / 3600
+        if hours > 0:
+            bar.set_postfix_str(f"{stats['prompts'] / hours:,.0f} videos/h")
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
 
 
 @dataclass
@@ -213,7 +227,10 @@ class RenderSummary:
     prompts: list[dict[str, Any]]
     """Per prompt: index, prompt, dir, status."""
     stages: list[dict[str, Any]]
-    """Per stage run: name, prompts sampled in this run, seconds (batch time shared by its prompts)."""
+    """Per stage run: name, replicas, prompts sampled in this run, failed, seconds (batch time shared by
+    its prompts)."""
+    failures: list[dict[str, Any]]
+    """Per failed prompt: index, prompt, stage, reason (also in failures.jsonl)."""
     seconds: float
 
     def table(self) -> str:
@@ -221,70 +238,69 @@ class RenderSummary:
         lines = [f"{'prompt':<7} {'status':<24} dir"]
         lines += [f"{p['index']:<7} {p['status']:<24} {p['dir']}" for p in self.prompts]
         lines.append("")
-        lines.append(f"{'stage':<16} {'prompts':>7} {'seconds':>9}")
-        lines += [f"{s['name']:<16} {s['prompts']:>7} {s['seconds']:>9.2f}" for s in self.stages]
+        lines.append(
+            f"{'stage':<16} {'replicas':>8} {'prompts':>7} {'failed':>6} {'s/video':>8} {'videos/h':>9}"
+        )
+        hours = self.seconds / 3600
+        for s in self.stages:
+            per_video = s["seconds"] / s["prompts"] if s["prompts"] else 0.0
+            rate = s["prompts"] / hours if hours > 0 else 0.0
+            lines.append(
+                f"{s['name']:<16} {s['replicas']:>8} {s['prompts']:>7} {s['failed']:>6} {per_video:>8.2f} "
+                f"{rate:>9.0f}"
+            )
         lines.append(f"total {self.seconds:.1f} s; outputs under {self.out_dir}")
+        for f in self.failures:
+            lines.append(f"FAILED prompt {f['index']} at {f['stage']}: {f['reason']}")
+        if self.failures:
+            lines.append(f"{len(self.failures)} prompts failed (listed in {self.out_dir / FAILURES})")
         return "\n".join(lines)
 
 
 def _run(
     jobs: list[PromptJob],
-    specs: list[StageSpec],
-    settings: RenderConfig,
-    header: dict[str, Any],
+    context: RenderContext,
+    costs: list[float],
     executor: ExecutorFactory | None,
     progress: bool,
 ) -> RenderSummary:
-    """Finish resumed-complete jobs, schedule the rest, write `render.json`, return the summary."""
-    from tqdm.auto import tqdm
-
+    """Schedule the unfinished jobs, write `render.json` and `failures.jsonl`, return the summary."""
     start = time.perf_counter()
+    specs, settings = context.specs, context.settings
     out = Path(settings.out_dir)
-    writer = _Writer(specs, settings, header, [{"name": s.name, "prompts": 0, "seconds": 0.0} for s in specs])
-    active = [j for j in jobs if not j.status.startswith("skipped")]
-    for job in active:
-        if job.next == len(specs):  # every stage file exists, the sidecar does not
-            writer.finalize(job)
-    pending = [j for j in active if j.next < len(specs)]
+    for job in jobs:  # every stage file but no sidecar (killed in between): finished here, no model loads
+        if job.next == len(specs) and not job.status.startswith("skipped"):
+            finalize(job, context)
+    pending = [j for j in jobs if j.next < len(specs)]
+    replicas = _replicas(pending, specs, costs, settings.devices) if pending else [0] * len(specs)
+    tracker = _Progress(specs, replicas, [j for j in jobs if not j.status.startswith("skipped")], progress)
     if pending:
-        bars = [
-            tqdm(
-                total=len(active),
-                initial=sum(j.next > p for j in active),
-                desc=spec.name,
-                unit="prompt",
-                position=p,
-                disable=not progress,
-            )
-            for p, spec in enumerate(specs)
-        ]
-
-        def done(job: PromptJob, p: int, video: Tensor, seconds: float, batch: int) -> None:
-            writer.stage_done(job, p, video, seconds, batch)
-            bars[p].update(1)
-
-        runner = (executor or local_stage_executor())(specs)
+        runner = (executor or local_stage_executor())(context)
         try:
-            schedule(pending, len(specs), runner, settings.batch_size, done)
+            runner.start(replicas)
+            schedule(pending, replicas, runner, settings.batch_size, tracker.done, window=2 * sum(replicas))
         finally:
             runner.close()
-            for bar in bars:
-                bar.close()
+            tracker.close()
     summary = RenderSummary(
         out_dir=out,
         prompts=[{"index": j.index, "prompt": j.prompt, "dir": j.dir.name, "status": j.status} for j in jobs],
-        stages=writer.stats,
+        stages=tracker.stats,
+        failures=tracker.failures,
         seconds=time.perf_counter() - start,
     )
+    write_text(out / FAILURES, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in summary.failures))
     write_json(
         out / SUMMARY,
         {
-            **header,
+            **context.header,
             "seed": settings.seed,
             "batch_size": settings.batch_size,
+            "devices": settings.devices,
             "precision": settings.precision,
             "prompts": summary.prompts,
             "stages": summary.stages,
+            "failures": len(summary.failures),
             "seconds": summary.seconds,
         },
     )
@@ -329,7 +345,8 @@ def render(
             _resume(job, specs)
             jobs.append(job)
         header = {"cascade": {"name": cascade.name, "file": cascade_file}}
-        return _run(jobs, specs, settings, header, executor, progress)
+        context = RenderContext(specs, settings, header)
+        return _run(jobs, context, stage_costs(specs, cascade, out)[0], executor, progress)
 
 
 def stage_index(cascade: CascadeConfig, name: str) -> int:
@@ -378,11 +395,15 @@ def upscale(
     digest = tensor_digest(video)
     stage_settings, prints = _chain(specs, prompt, digest)
     job_dir = out / f"0000-{slugify(Path(input_path).stem)}"
-    job = PromptJob(0, prompt, job_dir, stage_settings, prints, input=video, video=video)
+    job = PromptJob(0, prompt, job_dir, stage_settings, prints)
     header = {
         "cascade": {"name": cascade.name, "file": cascade_file},
         "input": {"path": str(input_path), "from_stage": from_stage, "digest": digest},
     }
     with folder_lock(out, "upscale"):  # before reading what an earlier upscale left
         _resume(job, specs)
-        return _run([job], specs, settings, header, executor, progress)
+        save_video_tensor(
+            job_dir / "stages" / INPUT_FILE, video, {"digest": digest}
+        )  # the first stage reads it
+        context = RenderContext(specs, settings, header)
+        return _run([job], context, [1.0] * len(specs), executor, progress)

@@ -173,3 +173,73 @@ def format_cascade_plan(rows: list[dict[str, Any]]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([fmt(table[0]), rule, *(fmt(line) for line in table[1:-1]), rule, fmt(table[-1])])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Replicas: a device budget split between the stages
+# ---------------------------------------------------------------------------------------------------
+
+
+def split_replicas(costs: list[float], devices: int) -> list[int]:
+    """Replicas per stage for `devices` devices, given each stage's seconds (or FLOPs) per video.
+
+    Every stage gets one; each further device goes to the stage whose time per video per replica is
+    the largest, which minimises the slowest stage's time (the pipeline's throughput is set by it).
+    With no more devices than stages every stage has one replica (they share the devices).
+    """
+    if not costs:
+        return []
+    if any(c < 0 for c in costs):
+        raise ValueError(f"stage costs must be >= 0, got {costs}")
+    replicas = [1] * len(costs)
+    for _ in range(max(0, devices - len(costs))):
+        slowest = max(range(len(costs)), key=lambda k: costs[k] / replicas[k])
+        replicas[slowest] += 1
+    return replicas
+
+
+def videos_per_hour(seconds: list[float], replicas: list[int]) -> float:
+    """Steady-state throughput of the pipelined stages: the slowest stage's replicas ÷ its seconds per
+    video (each replica busy with one video at a time; loading and the pipeline's fill not counted)."""
+    rates = [n / s for s, n in zip(seconds, replicas, strict=True) if s > 0]
+    return 3600.0 * min(rates) if rates else float("inf")
+
+
+def plan_replicas(rows: list[dict[str, Any]], devices: int, tflops: float) -> list[dict[str, Any]]:
+    """The device split of `plan_cascade` rows (their FLOPs per video) at `tflops` TFLOP/s achieved per
+    device: per stage its replicas and estimated seconds per video; the expected videos/hour and the
+    bottleneck stage are in every row (`pipeline_videos_per_hour`, `bottleneck`)."""
+    costs = [row["flops_per_step"] * row["steps"] for row in rows]
+    replicas = split_replicas(costs, devices)
+    seconds = [c / (tflops * 1e12) for c in costs]
+    rate = videos_per_hour(seconds, replicas)
+    if 0 < devices < len(rows):  # one replica per stage, sharing the devices
+        rate = 3600.0 * devices / sum(seconds)
+    bottleneck = min(range(len(rows)), key=lambda k: replicas[k] / seconds[k] if seconds[k] else float("inf"))
+    return [
+        {
+            "name": row["name"],
+            "replicas": n,
+            "seconds_per_video": s,
+            "stage_videos_per_hour": 3600.0 * n / s if s else float("inf"),
+            "pipeline_videos_per_hour": rate,
+            "bottleneck": rows[bottleneck]["name"],
+        }
+        for row, n, s in zip(rows, replicas, seconds)
+    ]
+
+
+def format_replica_plan(split: list[dict[str, Any]], devices: int, tflops: float) -> str:
+    """The replica split as a table, with the expected throughput and its assumption."""
+    lines = [f"{'stage':<16} {'replicas':>8} {'s/video':>10} {'videos/h':>10}"]
+    for row in split:
+        lines.append(
+            f"{row['name']:<16} {row['replicas']:>8} {row['seconds_per_video']:>10.2f} "
+            f"{row['stage_videos_per_hour']:>10.0f}"
+        )
+    first = split[0] if split else {"pipeline_videos_per_hour": 0.0, "bottleneck": "-"}
+    lines.append(
+        f"{devices} devices: {first['pipeline_videos_per_hour']:,.0f} videos/hour, bound by "
+        f"{first['bottleneck']} (estimate at {tflops:g} TFLOP/s achieved per device, --tflops)"
+    )
+    return "\n".join(lines)

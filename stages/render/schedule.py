@@ -1,9 +1,22 @@
-"""The render scheduler: prompt jobs move through the cascade's stages, pipelined.
+"""The render scheduler: fixed batches of prompts move through the cascade's stages, pipelined, each
+stage served by a pool of replicas.
 
-Every stage has a queue of prompts waiting for it; an idle stage takes up to `render.batch_size` of
-them as one batch, so different prompts occupy different stages at once. Stages run behind a
-`StageExecutor`: `LocalExecutor` runs them in this process (tests, `--local`), `pipeline.ray_render`
-runs one Ray actor per stage and overlaps them.
+- Batches are formed once, before anything runs: the prompts waiting for the same stage, in index
+  order, `render.batch_size` at a time. A batch keeps its prompts through every later stage (less the
+  ones that fail), so a prompt's batch mates, and with them its video bit for bit, do not depend on
+  the number of replicas or on which finished first.
+- A stage's batches go to whichever of its replicas is free; the deepest stages are served first, so
+  prompts finish as early as possible.
+- Backpressure: at most `window` batches are in progress (started, not finished) at once; a new batch
+  starts only when one finishes, so the work in flight, and the intermediate files waiting on disk, stay
+  bounded however many prompts there are.
+- A replica that dies (`ReplicaLost`: its process or node is gone, after Ray's own restarts) is
+  replaced and its batch goes back to the front of the stage's queue, up to `retries` times per
+  batch and stage; then its prompts fail with the reason.
+
+Stages run behind a `StageExecutor`: `LocalExecutor` runs them in this process (tests, `--local`),
+`pipeline.ray_render` runs them on pools of Ray actors. Workers write every output themselves
+(`stages.render.worker`), so only jobs and small records pass through here.
 """
 
 from __future__ import annotations
@@ -11,129 +24,161 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
-from torch import Tensor
+from stages.render.worker import PromptJob, RenderContext, StageRecord, StageWorker
 
-from stages.render.stage import StageItem, StageRunner, StageSpec, timed_run
+RETRIES = 3
+"""How often one batch is resubmitted at one stage after its replica died."""
 
 
-@dataclass
-class PromptJob:
-    """One prompt's way through the stages."""
+@dataclass(frozen=True)
+class ReplicaLost:
+    """A replica died with a batch in flight (its process or its node is gone)."""
 
-    index: int
-    prompt: str
-    dir: Path
-    settings: list[dict[str, Any]]
-    """Per stage: what its output depends on (hashed into its fingerprint)."""
-    fingerprints: list[str]
-    input: Tensor | None = None
-    """Upscale: the prepared input video (C, T, H, W)."""
-    next: int = 0
-    """Position (in the stages being run) of the next stage to run; len(stages) = all done."""
-    video: Tensor | None = None
-    """The latest stage output (the next stage's input)."""
-    status: str = ""
+    reason: str
 
 
 class StageExecutor(Protocol):
-    """Runs stage batches somewhere; at most one batch per stage is in flight at a time."""
+    """Runs batches on stage replicas somewhere; one batch at a time per replica."""
 
-    def prepare(self, stages: list[int]) -> None:
-        """Get the stage positions that will run ready (e.g. start their actors, so weights load in
-        parallel rather than when each stage's first batch arrives)."""
+    def start(self, replicas: list[int]) -> None:
+        """Start `replicas[p]` workers for stage position p (0: the stage is not needed) and wait until
+        their weights are loaded (a stage that cannot load raises here, before any batch)."""
 
-    def submit(self, stage: int, batch: list[StageItem]) -> None:
-        """Start `batch` on stage position `stage` (may return before it finishes)."""
+    def submit(self, stage: int, replica: int, jobs: list[PromptJob]) -> None:
+        """Start `jobs` as one batch on replica `replica` of stage position `stage`."""
 
-    def next_result(self) -> tuple[int, list[Tensor], float]:
-        """Wait for a submitted batch to finish: (stage position, outputs in batch order, seconds)."""
+    def next_result(self) -> tuple[int, int, list[StageRecord] | ReplicaLost]:
+        """Wait for a submitted batch: (stage, replica, one record per job in order, or ReplicaLost)."""
+
+    def replace(self, stage: int, replica: int) -> None:
+        """Start a new worker in place of a lost replica."""
 
     def close(self) -> None:
-        """Release the stages (models, actors)."""
+        """Release every replica."""
 
 
-ExecutorFactory = Callable[[list[StageSpec]], StageExecutor]
-"""Builds an executor for the stages being run (`specs[p]` is stage position p)."""
+ExecutorFactory = Callable[[RenderContext], StageExecutor]
+"""Builds an executor for one render's stages (`context.specs[p]` is stage position p)."""
 
 
 class LocalExecutor:
-    """Runs batches in this process, deepest stage first (so prompts finish as early as possible).
+    """Runs batches in this process, one replica per stage, deepest stage first. A stage's worker is
+    built when `start` asks for it and stays in memory until `close`."""
 
-    A stage's runner (`runner_factory(spec)`, default `StageRunner`) is built on its first batch, so a
-    resumed render never loads stages it does not need; once loaded it stays in memory until `close`, so
-    a render holds every stage it has reached.
-    """
-
-    def __init__(
-        self, specs: list[StageSpec], runner_factory: Callable[[StageSpec], Any] = StageRunner
-    ) -> None:
-        self.specs = specs
+    def __init__(self, context: RenderContext, runner_factory: Callable[..., Any] | None = None) -> None:
+        self.context = context
         self.factory = runner_factory
-        self.runners: dict[int, Any] = {}
-        self.pending: dict[int, list[StageItem]] = {}
+        self.workers: dict[int, StageWorker] = {}
+        self.pending: dict[int, list[PromptJob]] = {}
 
-    def prepare(self, stages: list[int]) -> None:
-        """Nothing: a local stage loads on its first batch."""
+    def start(self, replicas: list[int]) -> None:
+        for p, count in enumerate(replicas):
+            if count:
+                self.workers[p] = StageWorker(self.context, p, runner_factory=self.factory)
 
-    def submit(self, stage: int, batch: list[StageItem]) -> None:
-        self.pending[stage] = batch
+    def submit(self, stage: int, replica: int, jobs: list[PromptJob]) -> None:
+        self.pending[stage] = jobs
 
-    def next_result(self) -> tuple[int, list[Tensor], float]:
+    def next_result(self) -> tuple[int, int, list[StageRecord] | ReplicaLost]:
         stage = max(self.pending)
-        batch = self.pending.pop(stage)
-        if stage not in self.runners:
-            self.runners[stage] = self.factory(self.specs[stage])
-        outputs, seconds = timed_run(self.runners[stage], batch)
-        return stage, outputs, seconds
+        return stage, 0, self.workers[stage].run(self.pending.pop(stage))
+
+    def replace(self, stage: int, replica: int) -> None:
+        raise AssertionError("a local replica is never lost")
 
     def close(self) -> None:
-        self.runners.clear()
+        self.workers.clear()
 
 
-def local_stage_executor(runner_factory: Callable[[StageSpec], Any] = StageRunner) -> ExecutorFactory:
-    """An `ExecutorFactory` for `LocalExecutor` with the given runner factory."""
-    return lambda specs: LocalExecutor(specs, runner_factory)
+def local_stage_executor(runner_factory: Callable[..., Any] | None = None) -> ExecutorFactory:
+    """An `ExecutorFactory` for `LocalExecutor` (`runner_factory(spec, device)` builds each stage's
+    runner; default `StageRunner`)."""
+    return lambda context: LocalExecutor(context, runner_factory)
 
 
-StageDone = Callable[[PromptJob, int, Tensor, float, int], None]
-"""Called as (job, stage position, output, batch seconds, batch size) when a stage finishes a prompt."""
+StageDone = Callable[[PromptJob, int, StageRecord], None]
+"""Called as (job, stage position, record) for every prompt a stage reports."""
+
+
+@dataclass
+class _Batch:
+    jobs: list[PromptJob]
+    started: bool = False
+    attempts: int = 0
+
+
+def form_batches(jobs: list[PromptJob], stages: int, batch_size: int) -> list[deque[_Batch]]:
+    """Per stage position, the batches starting there: its waiting jobs in index order, chunked."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    queues: list[deque[_Batch]] = [deque() for _ in range(stages)]
+    for p in range(stages):
+        waiting = sorted((j for j in jobs if j.next == p), key=lambda j: j.index)
+        queues[p].extend(_Batch(waiting[i : i + batch_size]) for i in range(0, len(waiting), batch_size))
+    return queues
 
 
 def schedule(
-    jobs: list[PromptJob], stages: int, executor: StageExecutor, batch_size: int, done: StageDone
+    jobs: list[PromptJob],
+    replicas: list[int],
+    executor: StageExecutor,
+    batch_size: int,
+    done: StageDone,
+    window: int,
+    retries: int = RETRIES,
 ) -> None:
-    """Move every job from `job.next` through the last stage.
-
-    Each stage has a queue; whenever a stage is idle it takes up to `batch_size` waiting jobs as one
-    batch. Finished outputs go to `done`, then to the next stage's queue.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    queues: list[deque[PromptJob]] = [deque() for _ in range(stages)]
-    for job in jobs:
-        if job.next < stages:
-            queues[job.next].append(job)
-    needed = [job.next for job in jobs if job.next < stages]
-    if needed:
-        executor.prepare(list(range(min(needed), stages)))
-    in_flight: dict[int, list[PromptJob]] = {}
+    """Move every job from `job.next` through the last stage (see the module docstring); every
+    record goes to `done` (a failed prompt stops there; a lost batch out of retries fails as
+    `failed` records with the replica's reason)."""
+    stages = len(replicas)
+    queues = form_batches(jobs, stages, batch_size)
+    free = [list(range(count)) for count in replicas]
+    in_flight: dict[tuple[int, int], _Batch] = {}
+    active = 0
     while True:
         for p in reversed(range(stages)):
-            if p not in in_flight and queues[p]:
-                batch = [queues[p].popleft() for _ in range(min(batch_size, len(queues[p])))]
-                in_flight[p] = batch
-                executor.submit(p, [StageItem(j.index, j.prompt, j.video) for j in batch])
+            while free[p] and queues[p]:
+                batch = queues[p][0]
+                if not batch.started and active >= window:
+                    break
+                queues[p].popleft()
+                if not batch.started:
+                    batch.started, active = True, active + 1
+                replica = free[p].pop(0)
+                in_flight[(p, replica)] = batch
+                executor.submit(p, replica, batch.jobs)
         if not in_flight:
+            left = sum(len(q) for q in queues)
+            if left:
+                raise RuntimeError(f"{left} batches are waiting for stages without replicas ({replicas})")
             return
-        p, outputs, seconds = executor.next_result()
-        batch = in_flight.pop(p)
-        if len(outputs) != len(batch):
-            raise RuntimeError(f"stage {p} returned {len(outputs)} videos for a batch of {len(batch)}")
-        for job, video in zip(batch, outputs):
-            job.video, job.next = video, p + 1
-            done(job, p, video, seconds, len(batch))
-            if job.next < stages:
-                queues[job.next].append(job)
+        p, replica, outcome = executor.next_result()
+        batch = in_flight.pop((p, replica))
+        if isinstance(outcome, ReplicaLost):
+            executor.replace(p, replica)
+            free[p].append(replica)
+            batch.attempts += 1
+            if batch.attempts <= retries:
+                queues[p].appendleft(batch)
+                continue
+            reason = f"replica lost {batch.attempts} times: {outcome.reason}"
+            outcome = [StageRecord(job.index, "failed", reason=reason) for job in batch.jobs]
+        else:
+            free[p].append(replica)
+        if [r.index for r in outcome] != [j.index for j in batch.jobs]:
+            raise RuntimeError(
+                f"stage {p} reported prompts {[r.index for r in outcome]} for a batch of "
+                f"{[j.index for j in batch.jobs]}"
+            )
+        survivors = []
+        for job, record in zip(batch.jobs, outcome):
+            if record.status != "failed":
+                job.next = p + 1
+                survivors.append(job)
+            done(job, p, record)
+        if survivors and p + 1 < stages:
+            queues[p + 1].append(_Batch(survivors, started=True))
+        else:
+            active -= 1

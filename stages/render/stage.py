@@ -16,7 +16,6 @@ therefore never depends on its batch mates or on which stage ran when.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,10 +267,3 @@ class StageRunner:
         s = self.spec.stage
         low = torch.stack([v.float() for v in videos]).to(self.device)  # (B, C, t, h, w)
         return upsample_video(low, s.frames, s.height, s.width)
-
-
-def timed_run(runner: StageRunner, batch: list[StageItem]) -> tuple[list[Tensor], float]:
-    """`runner.run(batch)` and its wall-clock seconds."""
-    start = time.perf_counter()
-    out = runner.run(batch)
-    return out, time.perf_counter() - start

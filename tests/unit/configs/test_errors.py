@@ -61,7 +61,6 @@ def test_the_walk_reaches_every_kind_of_float_field():
         "diffusion.logsnr_min",
         "synth.fps",
         "trainings.a.gpus_per_worker",
-        "render_gpus_per_stage",
         "stages.0.fps",
         "stages.0.model.mlp_ratio",
     } <= keys
@@ -199,8 +198,12 @@ def test_a_file_that_is_not_text_or_is_a_folder_names_the_path(tmp_path):
     assert str(err.value) == f"{folder}: is a folder; expected a YAML file"
 
 
-def test_a_render_stage_cannot_be_split_over_several_gpus_yet():
-    shared = load_config(overrides=["render_gpus_per_stage=0.5"], schema=PipelineConfig)
-    assert shared.render_gpus_per_stage == 0.5
-    with pytest.raises(ConfigError, match=r"render_gpus_per_stage: got 2.0, expected at most 1: .*training"):
-        load_config(overrides=["render_gpus_per_stage=2"], schema=PipelineConfig)
+def test_render_devices_are_checked():
+    cfg = load_config(overrides=["render.devices=64", "render.device=cuda"], schema=PipelineConfig)
+    assert (cfg.render.devices, cfg.render.device) == (64, "cuda")
+    with pytest.raises(ConfigError, match=r"render.devices: got -1, expected an integer >= 0"):
+        load_config(overrides=["render.devices=-1"], schema=PipelineConfig)
+    with pytest.raises(
+        ConfigError, match=r"render.device: unknown value 'tpu'; expected one of auto, cuda, cpu"
+    ):
+        load_config(overrides=["render.device=tpu"], schema=PipelineConfig)

@@ -68,7 +68,7 @@ def test_a_bad_training_config_names_the_training():
     ("overrides", "extra"),
     [
         ([], {}),
-        (["render.batch_size=2", "render.out_dir=elsewhere", "render_gpus_per_stage=1"], {}),
+        (["render.batch_size=2", "render.out_dir=elsewhere", "render.devices=4", "render.device=cpu"], {}),
         (["render.seed=3"], {"seed": 3}),
         (["render.precision=bf16"], {"precision": "bf16"}),
         (
@@ -84,7 +84,7 @@ def test_the_render_section_reaches_the_render_stage_and_only_non_defaults_enter
     settings = {"cascade": to_dict(job.cascade), "prompts": job.cfg.prompts, "seed": 0, **extra}
     assert {s.name: s.fingerprint for s in job.stages()}["render"] == fingerprint(settings)
     assert job.render == dataclasses.replace(job.cfg.render, out_dir=str(Path(job.cfg.out_dir) / "renders"))
-    if not extra:  # the demo's settings (render.batch_size 6) and placement do not change what is rendered
+    if not extra:  # the demo's settings (render.batch_size 6) and devices do not change what is rendered
         assert fingerprint(settings) == expected["render"]
 
 

@@ -18,9 +18,17 @@ from PIL import Image
 
 from configs import RenderConfig, load_cascade
 from stages.artifacts import resolve_committed
-from stages.render import Prompt, local_stage_executor, read_prompts_file, render
+from stages.render import (
+    Prompt,
+    PromptJob,
+    ReplicaLost,
+    StageRecord,
+    local_stage_executor,
+    read_prompts_file,
+    render,
+)
 from stages.render.output import load_video_tensor, read_json, slugify
-from stages.render.schedule import PromptJob, schedule
+from stages.render.schedule import schedule
 from stages.render.stage import StageRunner
 from tests.render_fixtures import IMAGE_STAGES, VIDEO_STAGES, build_cascade, write_cascade
 
@@ -33,15 +41,18 @@ def video_cascade(tmp_path_factory) -> Path:
 
 
 class Recorder:
-    """A runner factory that logs every stage load and batch, and can fail on a chosen batch."""
+    """A runner factory that logs every stage load and batch, and raises `error` on any batch holding
+    prompt `fail_on[1]` at stage `fail_on[0]` (KeyboardInterrupt: the render is interrupted; an
+    Exception: that prompt fails)."""
 
-    def __init__(self, fail_on: tuple[str, int] | None = None) -> None:
+    def __init__(self, fail_on: tuple[str, int] | None = None, error: BaseException | None = None) -> None:
         self.log: list[tuple] = []
         self.fail_on = fail_on
+        self.error = error or KeyboardInterrupt("simulated crash")
 
-    def __call__(self, spec):
+    def __call__(self, spec, device=None):
         self.log.append(("load", spec.name))
-        runner = StageRunner(spec)
+        runner = StageRunner(spec, device)
         recorder = self
 
         class Counting:
@@ -49,7 +60,7 @@ class Recorder:
                 indices = [item.index for item in batch]
                 recorder.log.append(("run", spec.name, tuple(indices)))
                 if recorder.fail_on and recorder.fail_on[0] == spec.name and recorder.fail_on[1] in indices:
-                    raise RuntimeError("simulated crash")
+                    raise recorder.error
                 return runner.run(batch)
 
         return Counting()
@@ -137,45 +148,110 @@ def test_image_cascade_writes_png(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 
-class FifoExecutor:
-    """Finishes batches in submission order, like actors of equal speed; records what it saw."""
+class FakeExecutor:
+    """Stage replicas without models: finishes batches in submission order (replicas of equal speed),
+    fails prompts in `fail`, loses the replica of the first `lose` batches submitted at `lose_stage`;
+    records what it saw."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail: set[int] = frozenset(), lose: int = 0, lose_stage: int = 1) -> None:
         self.pending: deque = deque()
-        self.batches: list[tuple[int, list[int]]] = []
+        self.batches: list[tuple[int, int, list[int]]] = []
+        self.started: list[int] = []
+        self.replaced: list[tuple[int, int]] = []
         self.peak = 0
-        self.prepared: list[int] = []
+        self.fail, self.lose, self.lose_stage = fail, lose, lose_stage
 
-    def prepare(self, stages):
-        self.prepared = stages
+    def start(self, replicas):
+        self.started = replicas
 
-    def submit(self, stage, batch):
-        self.pending.append((stage, batch))
-        self.batches.append((stage, [item.index for item in batch]))
+    def submit(self, stage, replica, jobs):
+        assert all((s, r) != (stage, replica) for s, r, _ in self.pending), "two batches on one replica"
+        self.pending.append((stage, replica, jobs))
+        self.batches.append((stage, replica, [job.index for job in jobs]))
         self.peak = max(self.peak, len(self.pending))
 
     def next_result(self):
-        stage, batch = self.pending.popleft()
-        return stage, [torch.tensor([float(item.index)]) for item in batch], 0.1
+        stage, replica, jobs = self.pending.popleft()
+        if stage == self.lose_stage and self.lose > 0:
+            self.lose -= 1
+            return stage, replica, ReplicaLost("node gone")
+        return (
+            stage,
+            replica,
+            [
+                StageRecord(j.index, "failed", reason="bad")
+                if j.index in self.fail and stage == 1
+                else StageRecord(j.index, "done", 0.1, len(jobs))
+                for j in jobs
+            ],
+        )
+
+    def replace(self, stage, replica):
+        self.replaced.append((stage, replica))
 
     def close(self):
         pass
 
 
-def test_scheduler_overlaps_stages_and_batches_waiting_prompts(tmp_path):
-    jobs = [PromptJob(i, f"p{i}", tmp_path / str(i), [], []) for i in range(7)]
-    jobs[6].next = 2  # resumed: only the last stage left
+def fake_jobs(tmp_path, n):
+    return [PromptJob(i, f"p{i}", tmp_path / str(i), [], []) for i in range(n)]
+
+
+def test_scheduler_pipelines_fixed_batches_over_every_replica(tmp_path):
+    jobs = fake_jobs(tmp_path, 9)
+    jobs[8].next = 2  # resumed: only the last stage left
     seen: list[tuple[int, int]] = []
-    executor = FifoExecutor()
-    schedule(jobs, 3, executor, 2, lambda job, p, video, s, n: seen.append((job.index, p)))
-    assert executor.prepared == [0, 1, 2] and executor.peak == 3  # every stage busy at once
-    assert all(len(batch) <= 2 for _, batch in executor.batches)
-    for i in range(6):  # each prompt through every stage, in order; the resumed one only through the last
+    executor = FakeExecutor()
+    schedule(jobs, [1, 1, 2], executor, 2, lambda job, p, r: seen.append((job.index, p)), window=8)
+    assert executor.peak >= 3  # stages overlap
+    by_stage = {p: [b for s, _, b in executor.batches if s == p] for p in range(3)}
+    assert by_stage[0] == [[0, 1], [2, 3], [4, 5], [6, 7]]  # formed once, in index order
+    assert sorted(by_stage[2]) == [[0, 1], [2, 3], [4, 5], [6, 7], [8]]  # kept through every stage
+    assert {r for s, r, _ in executor.batches if s == 2} == {0, 1}  # both ssr replicas used
+    for i in range(8):  # each prompt through every stage in order; the resumed one only the last
         assert [p for j, p in seen if j == i] == [0, 1, 2]
-    assert [p for j, p in seen if j == 6] == [2]
+    assert [p for j, p in seen if j == 8] == [2]
     assert all(job.next == 3 for job in jobs)
     with pytest.raises(ValueError, match="batch size must be >= 1"):
-        schedule(jobs, 3, FifoExecutor(), 0, lambda *a: None)
+        schedule(jobs, [1, 1, 1], FakeExecutor(), 0, lambda *a: None, window=4)
+
+
+def test_scheduler_bounds_the_batches_in_progress(tmp_path):
+    executor = FakeExecutor()
+    in_progress, peak = set(), 0
+
+    def done(job, p, record):
+        nonlocal peak
+        if p == 2:
+            in_progress.discard(job.index)
+
+    class Watching(FakeExecutor):
+        def submit(self, stage, replica, jobs):
+            nonlocal peak
+            in_progress.update(j.index for j in jobs)
+            peak = max(peak, len(in_progress))
+            super().submit(stage, replica, jobs)
+
+    executor = Watching()
+    schedule(fake_jobs(tmp_path, 40), [1, 1, 1], executor, 1, done, window=3)
+    assert peak == 3  # never more than `window` prompts started and unfinished
+    assert len(executor.batches) == 120
+
+
+def test_scheduler_isolates_failures_and_retries_lost_replicas(tmp_path):
+    records: list[tuple[int, int, str]] = []
+    executor = FakeExecutor(fail={2}, lose=2)
+    jobs = fake_jobs(tmp_path, 4)
+    schedule(jobs, [1, 1, 1], executor, 2, lambda j, p, r: records.append((j.index, p, r.status)), window=4)
+    assert (2, 1, "failed") in records and not any(j == 2 and p == 2 for j, p, _ in records)
+    assert [b for s, _, b in executor.batches if s == 2] == [[0, 1], [3]]  # its batch mate goes on
+    assert executor.replaced == [(1, 0), (1, 0)]  # the two losses: replaced, their batches resubmitted
+    assert [j.next for j in jobs] == [3, 3, 1, 3]  # the failed prompt still waits for its stage
+    out_of_retries = FakeExecutor(lose=10)
+    lost: list[tuple[int, str]] = []
+    jobs = fake_jobs(tmp_path, 2)
+    schedule(jobs, [1, 1, 1], out_of_retries, 2, lambda j, p, r: lost.append((p, r.reason)), window=4)
+    assert lost[2:] == [(1, "replica lost 4 times: node gone")] * 2 and len(out_of_retries.replaced) == 4
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,8 +287,8 @@ def test_bf16_render_stays_close_to_fp32(video_cascade, tmp_path):
     cascade = load_cascade(video_cascade)
     runners: list[StageRunner] = []
 
-    def keep(spec):
-        runners.append(StageRunner(spec))
+    def keep(spec, device=None):
+        runners.append(StageRunner(spec, device))
         return runners[-1]
 
     fp32 = outputs(render(cascade, PROMPTS[:1], settings(tmp_path / "fp32")).out_dir)
@@ -257,7 +333,7 @@ def test_interrupted_render_resumes_without_recomputing(video_cascade, tmp_path)
     reference = outputs(render(cascade, PROMPTS, settings(tmp_path / "ref")).out_dir)
     out = tmp_path / "out"
     crash = Recorder(fail_on=("ssr", 1))
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
         render(cascade, PROMPTS, settings(out), executor=local_stage_executor(crash))
     # depth-first: prompt 0 finished, prompt 1 got through tsr, prompt 2 not started
     dirs = [out / f"{i:04d}-{slugify(p)}" for i, p in enumerate(PROMPTS)]
@@ -388,3 +464,59 @@ def test_sr_factor_mismatch_names_both_values(video_cascade, tmp_path):
         ValueError, match=r"stage 'ssr' .*model.sr_factor is 2, but the stage scales 'tsr' by 3"
     ):
         render(cascade, ["a cat"], settings(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A failing prompt
+# ---------------------------------------------------------------------------------------------------
+
+
+class RefusesBrokenPrompts(StageRunner):
+    """The tsr stage raises on any batch holding a prompt with "broken" in it."""
+
+    def run(self, batch):
+        if self.spec.name == "tsr" and any("broken" in item.prompt for item in batch):
+            raise RuntimeError("injected: tsr cannot take this prompt")
+        return super().run(batch)
+
+
+def test_a_failing_prompt_is_recorded_the_rest_finish_and_the_render_exits_non_zero(
+    video_cascade, tmp_path, monkeypatch, capsys
+):
+    from pipeline.cli import main
+
+    prompts = ["a cat", "a broken dog", "a bird"]
+    out = tmp_path / "out"
+    args = ["render", "--cascade", str(video_cascade), "--out", str(out), "--local", "--quiet"]
+    args += ["--batch-size", "2", *(a for p in prompts for a in ("--prompt", p))]
+    reference = outputs(render(load_cascade(video_cascade), prompts, settings(tmp_path / "ref")).out_dir)
+    monkeypatch.setattr("stages.render.worker.StageRunner", RefusesBrokenPrompts)
+    assert main(args) == 1
+    printed = capsys.readouterr().out
+    assert "FAILED prompt 1 at tsr: RuntimeError: injected: tsr cannot take this prompt" in printed
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert failures == [
+        {
+            "index": 1,
+            "prompt": "a broken dog",
+            "stage": "tsr",
+            "reason": "RuntimeError: injected: tsr cannot take this prompt",
+        }
+    ]
+    dirs = sorted(out.glob("000*"))
+    assert [(d / "video.json").is_file() for d in dirs] == [True, False, True]
+    assert sorted(p.name for p in (dirs[1] / "stages").glob("*.safetensors")) == ["00-base.safetensors"]
+    run = json.loads((out / "render.json").read_text())
+    assert [p["status"] for p in run["prompts"]] == ["rendered", "failed at tsr", "rendered"]
+    assert [(s["prompts"], s["failed"]) for s in run["stages"]] == [(3, 0), (2, 1), (2, 0)]
+    # its batch mate, sampled alone from tsr on, is the same video within float tolerance
+    for key, video in outputs(out).items():
+        torch.testing.assert_close(video, reference[key], atol=1e-4, rtol=0)
+
+    monkeypatch.undo()  # the fix: the rerun renders the failed prompt from where it stopped
+    assert main(args) == 0
+    assert (out / "failures.jsonl").read_text() == ""
+    run = json.loads((out / "render.json").read_text())
+    assert [p["status"] for p in run["prompts"]][1] == "resumed after base"
+    assert [s["prompts"] for s in run["stages"]] == [0, 1, 1]
+    assert outputs(out).keys() == reference.keys()

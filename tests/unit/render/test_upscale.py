@@ -14,7 +14,7 @@ import torch
 from configs import CascadeStageConfig, DiffusionConfig, ModelConfig, RenderConfig, load_cascade, load_config
 from models.dit import VideoDiT
 from models.text import ByteTextEncoder
-from pipeline.ray_render import gpus_per_stage
+from pipeline.ray_render import replica_resources
 from stages.media import write_mp4
 from stages.render import read_prompts_file, upscale
 from stages.render.output import load_input_video, load_video_tensor, read_json, slugify
@@ -48,7 +48,10 @@ def test_upscale_from_tsr_runs_the_remaining_stages(video_cascade, tmp_path):
     assert sorted(p.name for p in (job / "stages").glob("*.safetensors")) == [
         "01-tsr.safetensors",
         "02-ssr.safetensors",
+        "input.safetensors",  # the prepared clip, which the tsr replica reads
     ]
+    prepared = load_input_video(clip, 4, 16, 16, 4.0)  # the base output shape
+    assert torch.equal(load_video_tensor(job / "stages" / "input.safetensors"), prepared)
     assert tuple(load_video_tensor(job / "stages" / "02-ssr.safetensors").shape) == (3, 8, 32, 32)
     with av.open(str(job / "video.mp4")) as container:
         stream = container.streams.video[0]
@@ -136,7 +139,7 @@ def test_t5_prompt_length_uses_the_tokenizer(tiny_t5_dir):
         check_prompt_lengths([spec], ["ok", "abcdefgh"], ["prompt 0000", "prompt 0001"])
 
 
-def test_gpus_per_stage():
-    assert gpus_per_stage(0, 3) == 0.0
-    assert gpus_per_stage(8, 3) == 1.0
-    assert gpus_per_stage(1, 3) == pytest.approx(1 / 3)
+def test_replica_resources():
+    assert replica_resources("cuda", 8, 3) == {"num_gpus": 1.0}
+    assert replica_resources("cuda", 1, 3) == {"num_gpus": pytest.approx(1 / 3)}  # one GPU, three stages
+    assert replica_resources("cpu", 2, 4) == {}  # Ray's actor default: room on any node that is left
