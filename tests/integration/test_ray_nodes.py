@@ -2,7 +2,7 @@
 the pipeline's jobs on it, with the worker node's raylet killed mid-job: training restarts from the
 last checkpoint to the uninterrupted run's weights (elastic, it continues on the node that remains;
 with no room left, it fails in bounded time), preprocessing writes the uninterrupted job's shards,
-rendering finishes every prompt once."""
+rendering on replica pools finishes every prompt once, with the one-process render's videos."""
 
 from __future__ import annotations
 
