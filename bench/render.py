@@ -5,6 +5,8 @@ checkpoints built from the cascade's own `model` blocks; prints a table and writ
     python bench/render.py --steps 4 --batch 2 --prompts 4
     python bench/render.py --precision bf16       # render.precision: stage models in bfloat16
     python bench/render.py --cascade configs/cascade/imagen_video.yaml --steps 4 --prompts 2   # H200
+    python bench/render.py --prompts 12 --workers 1 2 3 4 --memory 24 240   # replica pools on Ray (CPU)
+    python bench/render.py --split configs/cascade/imagen_video.yaml --split-gpus 8 64 512   # plan only
 
 Checkpoints: for every stage, a freshly initialised DiT of the stage's `model` block (kind and
 super-resolution factor from the stage) and a byte text encoder, written into a temporary directory as
@@ -24,6 +26,14 @@ video and per step. Per video: the sum over the stages, and the whole render's w
 adds loading every stage's weights and writing the final mp4 and sidecars. Rendering runs on CUDA when
 available, with the stage models in `--precision` (`render.precision`: fp32 default, or bf16; the
 sampler state, text encoder and outputs stay float32).
+
+Replicas (`--workers N ...`): the same prompts rendered on an in-process Ray with `render.devices=N`
+CPU replicas split between the stages by cost (`render --workers N`), after the local render; per N the
+split, the wall clock and videos/hour (the whole render's, loading included). `--memory P ...` renders
+P prompts each on the first of --workers (at one sampler step per stage) and records the driver's peak
+resident memory above its level at the start, sampled every 20 ms: with the outputs written by the
+replicas it should not grow with P. `--split FILE --split-gpus N ...` prints the replica split the
+planner gives FILE on N GPUs at `--tflops` achieved per GPU (no checkpoints, nothing rendered).
 This is a benchmark, never a test: numbers go to docs/PERFORMANCE.md with the machine and the command.
 """
 
@@ -38,7 +48,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import torch
-from report import print_table, record_header, write_record
+from report import PeakRSS, print_table, record_header, write_record
 
 from configs import CascadeConfig, DataConfig, RenderConfig, RunConfig, TextConfig, dump_config, load_cascade
 from configs.cascade import stage_factor
@@ -48,7 +58,7 @@ from models.dit import VideoDiT
 from models.flops import token_grid
 from models.text import ByteTextEncoder
 from stages.artifacts import MARKER, export_weights, step_dir
-from stages.render import RenderSummary, render
+from stages.render import RenderSummary, format_replica_plan, plan_cascade, plan_replicas, render
 
 CAPTIONS = ["a red circle moving right", "a blue square moving up", "a green triangle", "waves at dusk"]
 
@@ -114,6 +124,66 @@ def stage_rows(cascade: CascadeConfig, summary: RenderSummary) -> list[dict[str,
     ]
 
 
+def replica_rows(
+    cascade: CascadeConfig, prompts: list[str], settings: dict, workers: list[int], scratch: Path
+):
+    """Per worker count: the split, the render's wall clock and videos/hour on an in-process Ray."""
+    from pipeline.ray_render import ray_executor
+
+    rows = []
+    for n in workers:
+        config = RenderConfig(out_dir=str(scratch / f"ray-{n}"), devices=n, device="cpu", **settings)
+        summary = render(cascade, prompts, config, executor=ray_executor())
+        rows.append(
+            {
+                "engine": "ray",
+                "workers": n,
+                "replicas": "/".join(str(s["replicas"]) for s in summary.stages),
+                "prompts": len(prompts),
+                "wall_s": round(summary.seconds, 2),
+                "videos_per_hour": round(3600 * len(prompts) / summary.seconds),
+            }
+        )
+    return rows
+
+
+def memory_rows(cascade: CascadeConfig, counts: list[int], settings: dict, workers: int, scratch: Path):
+    """Per prompt count: the driver's peak resident memory above its start while rendering on Ray."""
+    from pipeline.ray_render import ray_executor
+
+    rows = []
+    for count in counts:
+        prompts = [f"{i}: {CAPTIONS[i % len(CAPTIONS)]}" for i in range(count)]
+        config = RenderConfig(
+            out_dir=str(scratch / f"mem-{count}"), devices=workers, device="cpu", **settings
+        )
+        with PeakRSS() as peak:
+            summary = render(cascade, prompts, config, executor=ray_executor())
+        rows.append(
+            {
+                "prompts": count,
+                "workers": workers,
+                "wall_s": round(summary.seconds, 2),
+                "driver_start_mib": round(peak.start_mib, 1),
+                "driver_peak_mib": round(peak.mib, 1),
+                "driver_growth_mib": round(peak.mib - peak.start_mib, 1),
+            }
+        )
+        shutil.rmtree(scratch / f"mem-{count}", ignore_errors=True)
+    return rows
+
+
+def split_record(path: Path, gpus: list[int], tflops: float) -> list[dict[str, Any]]:
+    """The planner's replica split of the cascade file at `path` on each GPU count (printed)."""
+    rows = plan_cascade(load_cascade(path))
+    out = []
+    for n in gpus:
+        split = plan_replicas(rows, n, tflops)
+        print(f"\n{path} on {n} GPUs\n{format_replica_plan(split, n, tflops)}")
+        out.append({"gpus": n, "stages": split})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cascade", type=Path, default=Path("configs/cascade/demo.yaml"))
@@ -129,8 +199,22 @@ def main() -> None:
         help="render.precision: dtype of the stage models",
     )
     parser.add_argument("--override", nargs="*", default=[], help="dotted cascade overrides")
+    parser.add_argument(
+        "--workers", type=int, nargs="*", default=[], help="CPU replica counts to render on Ray"
+    )
+    parser.add_argument(
+        "--memory", type=int, nargs="*", default=[], help="prompt counts for the driver memory"
+    )
+    parser.add_argument("--split", type=Path, help="cascade file to split over --split-gpus (plan only)")
+    parser.add_argument("--split-gpus", type=int, nargs="*", default=[8, 64, 512])
+    parser.add_argument("--tflops", type=float, default=200.0, help="achieved TFLOP/s per GPU for --split")
     parser.add_argument("--out", type=Path, default=Path("bench/results/render.json"))
     args = parser.parse_args()
+    if args.split:
+        record = {**record_header("render-split", torch.device("cpu"), args), "splits": []}
+        record["splits"] = split_record(args.split, args.split_gpus, args.tflops)
+        write_record(args.out, record)
+        return
     load_cascade(args.cascade, args.override)  # fail on a bad file or override before building anything
 
     scratch = Path(tempfile.mkdtemp(prefix="tessera-bench-render-"))
@@ -153,17 +237,40 @@ def main() -> None:
             )
         cascade = cascade_with(args, checkpoints, args.steps or None)
         summary = render(cascade, prompts, RenderConfig(out_dir=str(scratch / "out"), **settings))
+        replicas = replica_rows(cascade, prompts, settings, args.workers, scratch) if args.workers else []
+        memory = []
+        if args.memory:
+            memory = memory_rows(
+                cascade_with(args, checkpoints, 1),
+                args.memory,
+                settings,
+                args.workers[0] if args.workers else 0,
+                scratch,
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     rows = stage_rows(cascade, summary)
     print_table(rows)
+    local = {"engine": "local", "workers": "-", "replicas": "-", "prompts": len(summary.prompts)}
+    local |= {
+        "wall_s": round(summary.seconds, 2),
+        "videos_per_hour": round(3600 * len(summary.prompts) / summary.seconds),
+    }
+    if replicas:
+        print()
+        print_table([local, *replicas])
+    if memory:
+        print()
+        print_table(memory)
 
     record = {
         **record_header("render", torch.device("cuda" if torch.cuda.is_available() else "cpu"), args),
         "cascade": cascade.name,
         "render_seconds": round(summary.seconds, 3),
         "rows": rows,
+        "replicas": [local, *replicas] if replicas else [],
+        "memory": memory,
     }
     write_record(args.out, record)
 

@@ -111,3 +111,32 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
+
+
+class PeakRSS:
+    """`with PeakRSS() as peak:` samples this process's resident memory every `interval` seconds while
+    the block runs; `peak.mib` is the largest sample and `peak.start_mib` the first, in MiB (psutil)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval, self.mib, self.start_mib = interval, 0.0, 0.0
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        import psutil
+
+        process = psutil.Process()
+        self.start_mib = self.mib = process.memory_info().rss / 2**20
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self.mib = max(self.mib, process.memory_info().rss / 2**20)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -153,6 +153,7 @@ def test_choice_fields_are_literals_listed_once_and_read_back_as_plain_strings(t
         "diffusion.guidance_schedule",
         "parallel.precision",
         "render.precision",
+        "render.device",
         "preprocess.resize",
         "preprocess.decoder",
     }
