@@ -260,11 +260,12 @@ class RenderSummary:
 def _run(
     jobs: list[PromptJob],
     context: RenderContext,
-    costs: list[float],
+    costs: tuple[list[float], str],
     executor: ExecutorFactory | None,
     progress: bool,
 ) -> RenderSummary:
-    """Schedule the unfinished jobs, write `render.json` and `failures.jsonl`, return the summary."""
+    """Schedule the unfinished jobs on replicas split by `costs` (per stage seconds or FLOPs per video,
+    and their source), write `render.json` and `failures.jsonl`, return the summary."""
     start = time.perf_counter()
     specs, settings = context.specs, context.settings
     out = Path(settings.out_dir)
@@ -272,7 +273,7 @@ def _run(
         if job.next == len(specs) and not job.status.startswith("skipped"):
             finalize(job, context)
     pending = [j for j in jobs if j.next < len(specs)]
-    replicas = _replicas(pending, specs, costs, settings.devices) if pending else [0] * len(specs)
+    replicas = _replicas(pending, specs, costs[0], settings.devices) if pending else [0] * len(specs)
     tracker = _Progress(specs, replicas, [j for j in jobs if not j.status.startswith("skipped")], progress)
     if pending:
         runner = (executor or local_stage_executor())(context)
@@ -297,6 +298,7 @@ def _run(
             "seed": settings.seed,
             "batch_size": settings.batch_size,
             "devices": settings.devices,
+            "replica_costs": {"source": costs[1], "per_video": costs[0]},
             "precision": settings.precision,
             "prompts": summary.prompts,
             "stages": summary.stages,
@@ -346,7 +348,7 @@ def render(
             jobs.append(job)
         header = {"cascade": {"name": cascade.name, "file": cascade_file}}
         context = RenderContext(specs, settings, header)
-        return _run(jobs, context, stage_costs(specs, cascade, out)[0], executor, progress)
+        return _run(jobs, context, stage_costs(specs, cascade, out), executor, progress)
 
 
 def stage_index(cascade: CascadeConfig, name: str) -> int:
@@ -406,4 +408,4 @@ def upscale(
             job_dir / "stages" / INPUT_FILE, video, {"digest": digest}
         )  # the first stage reads it
         context = RenderContext(specs, settings, header)
-        return _run([job], context, [1.0] * len(specs), executor, progress)
+        return _run([job], context, ([1.0] * len(specs), "equal (one clip)"), executor, progress)

@@ -520,3 +520,21 @@ def test_a_failing_prompt_is_recorded_the_rest_finish_and_the_render_exits_non_z
     assert [p["status"] for p in run["prompts"]][1] == "resumed after base"
     assert [s["prompts"] for s in run["stages"]] == [0, 1, 1]
     assert outputs(out).keys() == reference.keys()
+
+
+def test_replicas_split_by_an_earlier_renders_timings_else_by_flops(video_cascade, tmp_path):
+    from stages.render.job import stage_costs
+    from stages.render.plan import split_replicas, videos_per_hour
+    from stages.render.stage import prepare_stages
+
+    cascade = load_cascade(video_cascade)
+    specs = prepare_stages(cascade, 0)
+    flops, source = stage_costs(specs, cascade, tmp_path)
+    assert source == "estimated (FLOPs)" and flops[2] > flops[1] > flops[0] > 0  # ssr has the most tokens
+    timed = [{"name": n, "prompts": 4, "seconds": s} for n, s in (("base", 8.0), ("tsr", 2.0), ("ssr", 4.0))]
+    (tmp_path / "render.json").write_text(json.dumps({"stages": timed}))
+    measured, source = stage_costs(specs, cascade, tmp_path)
+    assert measured == [2.0, 0.5, 1.0] and source.startswith("measured")
+    assert split_replicas(measured, 7) == [4, 1, 2]  # every stage at 0.5 s per video per replica
+    assert videos_per_hour(measured, [4, 1, 2]) == 7200
+    assert split_replicas(measured, 2) == [1, 1, 1]  # fewer devices than stages: they share
