@@ -124,26 +124,31 @@ def stage_rows(cascade: CascadeConfig, summary: RenderSummary) -> list[dict[str,
     ]
 
 
+def throughput_row(engine: str, workers: int | str, summary: RenderSummary) -> dict[str, Any]:
+    """A render's split, wall clock, loading time and videos/hour (whole render, and after loading)."""
+    videos = len(summary.prompts)
+    return {
+        "engine": engine,
+        "workers": workers,
+        "replicas": "/".join(str(s["replicas"]) for s in summary.stages),
+        "prompts": videos,
+        "wall_s": round(summary.seconds, 2),
+        "load_s": round(summary.start_seconds, 2),
+        "videos_per_hour": round(3600 * videos / summary.seconds),
+        "after_load_per_hour": round(3600 * videos / (summary.seconds - summary.start_seconds)),
+    }
+
+
 def replica_rows(
     cascade: CascadeConfig, prompts: list[str], settings: dict, workers: list[int], scratch: Path
-):
-    """Per worker count: the split, the render's wall clock and videos/hour on an in-process Ray."""
+) -> list[dict[str, Any]]:
+    """Per worker count: `throughput_row` of the render on an in-process Ray."""
     from pipeline.ray_render import ray_executor
 
     rows = []
     for n in workers:
         config = RenderConfig(out_dir=str(scratch / f"ray-{n}"), devices=n, device="cpu", **settings)
-        summary = render(cascade, prompts, config, executor=ray_executor())
-        rows.append(
-            {
-                "engine": "ray",
-                "workers": n,
-                "replicas": "/".join(str(s["replicas"]) for s in summary.stages),
-                "prompts": len(prompts),
-                "wall_s": round(summary.seconds, 2),
-                "videos_per_hour": round(3600 * len(prompts) / summary.seconds),
-            }
-        )
+        rows.append(throughput_row("ray", n, render(cascade, prompts, config, executor=ray_executor())))
     return rows
 
 
@@ -252,11 +257,7 @@ def main() -> None:
 
     rows = stage_rows(cascade, summary)
     print_table(rows)
-    local = {"engine": "local", "workers": "-", "replicas": "-", "prompts": len(summary.prompts)}
-    local |= {
-        "wall_s": round(summary.seconds, 2),
-        "videos_per_hour": round(3600 * len(summary.prompts) / summary.seconds),
-    }
+    local = throughput_row("local", "-", summary)
     if replicas:
         print()
         print_table([local, *replicas])

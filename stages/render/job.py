@@ -232,6 +232,8 @@ class RenderSummary:
     failures: list[dict[str, Any]]
     """Per failed prompt: index, prompt, stage, reason (also in failures.jsonl)."""
     seconds: float
+    start_seconds: float = 0.0
+    """Of `seconds`, the time until every replica had loaded its weights."""
 
     def table(self) -> str:
         """A plain-text table of the prompts and the stages, for the end of the job."""
@@ -249,7 +251,10 @@ class RenderSummary:
                 f"{s['name']:<16} {s['replicas']:>8} {s['prompts']:>7} {s['failed']:>6} {per_video:>8.2f} "
                 f"{rate:>9.0f}"
             )
-        lines.append(f"total {self.seconds:.1f} s; outputs under {self.out_dir}")
+        lines.append(
+            f"total {self.seconds:.1f} s ({self.start_seconds:.1f} s loading the replicas); outputs under "
+            f"{self.out_dir}"
+        )
         for f in self.failures:
             lines.append(f"FAILED prompt {f['index']} at {f['stage']}: {f['reason']}")
         if self.failures:
@@ -273,12 +278,14 @@ def _run(
         if job.next == len(specs) and not job.status.startswith("skipped"):
             finalize(job, context)
     pending = [j for j in jobs if j.next < len(specs)]
+    loaded = start
     replicas = _replicas(pending, specs, costs[0], settings.devices) if pending else [0] * len(specs)
     tracker = _Progress(specs, replicas, [j for j in jobs if not j.status.startswith("skipped")], progress)
     if pending:
         runner = (executor or local_stage_executor())(context)
         try:
             runner.start(replicas)
+            loaded = time.perf_counter()
             schedule(pending, replicas, runner, settings.batch_size, tracker.done, window=2 * sum(replicas))
         finally:
             runner.close()
@@ -289,6 +296,7 @@ def _run(
         stages=tracker.stats,
         failures=tracker.failures,
         seconds=time.perf_counter() - start,
+        start_seconds=loaded - start,
     )
     write_text(out / FAILURES, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in summary.failures))
     write_json(
@@ -304,6 +312,7 @@ def _run(
             "stages": summary.stages,
             "failures": len(summary.failures),
             "seconds": summary.seconds,
+            "start_seconds": summary.start_seconds,
         },
     )
     remove_leftovers(out)  # every file of this render is written: what a killed earlier render left
