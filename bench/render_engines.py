@@ -248,7 +248,7 @@ def ray_data_render(
 
 
 # ---------------------------------------------------------------------------------------------------
-# The baseline: today's scheduler over one actor per stage
+# The baseline: the actor-pool scheduler, one replica per stage
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -268,7 +268,7 @@ def actor_render(
     batch_size: int = 1,
     probe_dir: Path | None = None,
 ) -> dict:
-    """`stages.render.render` on `pipeline.ray_render.ray_executor()` (one actor per stage), without
+    """`stages.render.render` on `pipeline.ray_render.ray_executor()` (one replica per stage), without
     intermediate media or contact sheets; its timings. (Wrapped: that API is changing.)"""
     from pipeline.ray_render import ray_executor
     from stages.render import render

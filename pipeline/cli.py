@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_train_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("render", help="render prompts through a cascade (one Ray actor per stage; --local)")
+    p = sub.add_parser("render", help="render prompts through a cascade (replica pools on Ray; --local)")
     _render_options(p)
     p.add_argument("--prompts", help="prompts file: one per line, blank lines and # comments skipped")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")

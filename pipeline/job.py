@@ -17,7 +17,7 @@ Run directory (`out_dir`):
 Every stage's config is loaded and cross-checked when the graph is built, so a typo in the render
 cascade fails before an hour of training. The work runs on Ray (in-process unless `address`):
 preprocessing as Ray Data, every training as its own Ray Train run (so trainings run side by side
-when the cluster has room for their workers), rendering with one actor per cascade stage.
+when the cluster has room for their workers), rendering on replica pools per cascade stage.
 """
 
 from __future__ import annotations

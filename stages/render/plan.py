@@ -134,7 +134,7 @@ def _count(n: float) -> str:
 
 def format_cascade_plan(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table of `plan_cascade` rows plus a total line (memory total = every stage resident
-    at once, as in the pipelined renderer with one actor per stage)."""
+    at once, as in the pipelined renderer with one replica per stage)."""
     header = ("stage", "kind", "input → output (T×H×W@fps)", "steps", "guidance", "params", "GFLOPs", "GiB")
     table = [header]
     for row in rows:
