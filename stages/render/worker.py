@@ -133,6 +133,9 @@ class StageWorker:
         except Exception:  # isolate: each prompt alone, so one bad prompt fails alone
             traceback.print_exc()
             for job in todo:
+                if self._written(job):  # written before the batch failed: kept, not sampled again
+                    records[job.index] = StageRecord(job.index, "found")
+                    continue
                 try:
                     records |= self._sample([job])
                 except Exception as err:
