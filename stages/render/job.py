@@ -49,7 +49,7 @@ from stages.render.output import (
     tensor_digest,
     write_json,
 )
-from stages.render.plan import plan_cascade, split_replicas
+from stages.render.plan import plan_cascade, split_replicas, video_flops
 from stages.render.prompts import Prompt, check_prompts, prompt_label
 from stages.render.schedule import ExecutorFactory, local_stage_executor, schedule
 from stages.render.stage import StageSpec, check_prompt_lengths, prepare_stages
@@ -149,7 +149,7 @@ def stage_costs(specs: list[StageSpec], cascade: CascadeConfig, out: Path) -> tu
     if len(measured) == len(specs):
         return measured, f"measured ({out / SUMMARY})"
     rows = plan_cascade(cascade)
-    return [rows[s.index]["flops_per_step"] * rows[s.index]["steps"] for s in specs], "estimated (FLOPs)"
+    return [video_flops(rows[s.index]) for s in specs], "estimated (FLOPs)"
 
 
 def _replicas(jobs: list[PromptJob], specs: list[StageSpec], costs: list[float], devices: int) -> list[int]:

@@ -180,6 +180,11 @@ def format_cascade_plan(rows: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+def video_flops(row: dict[str, Any]) -> float:
+    """FLOPs of one video at a `plan_cascade` row's stage (every sampling step, guidance included)."""
+    return row["flops_per_step"] * row["steps"]
+
+
 def split_replicas(costs: list[float], devices: int) -> list[int]:
     """Replicas per stage for `devices` devices, given each stage's seconds (or FLOPs) per video.
 
@@ -209,7 +214,7 @@ def plan_replicas(rows: list[dict[str, Any]], devices: int, tflops: float) -> li
     """The device split of `plan_cascade` rows (their FLOPs per video) at `tflops` TFLOP/s achieved per
     device: per stage its replicas and estimated seconds per video; the expected videos/hour and the
     bottleneck stage are in every row (`pipeline_videos_per_hour`, `bottleneck`)."""
-    costs = [row["flops_per_step"] * row["steps"] for row in rows]
+    costs = [video_flops(row) for row in rows]
     replicas = split_replicas(costs, devices)
     seconds = [c / (tflops * 1e12) for c in costs]
     rate = videos_per_hour(seconds, replicas)

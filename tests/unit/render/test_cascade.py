@@ -278,3 +278,27 @@ def test_plan_flops_match_an_independent_count(tmp_path, monkeypatch):
     assert plan_cascade(naive)[0]["memory_gib"] > plan_cascade(cascade)[0]["memory_gib"]
     table = format_cascade_plan(rows)
     assert all(name in table for name in ("base", "tsr", "ssr", "total", "8×16×16@4 → 16×16×16@8"))
+
+
+def test_the_plan_splits_gpus_by_stage_flops(capsys):
+    from pipeline.cli import main
+    from stages.render import plan_replicas
+    from stages.render.plan import video_flops
+
+    rows = plan_cascade(load_cascade(CASCADES / "imagen_video.yaml"))
+    split = plan_replicas(rows, 64, 200.0)
+    assert sum(s["replicas"] for s in split) == 64 and all(s["replicas"] >= 1 for s in split)
+    per_replica = [video_flops(r) / s["replicas"] for r, s in zip(rows, split)]
+    assert split[0]["bottleneck"] == rows[per_replica.index(max(per_replica))]["name"]
+    for r, s in zip(rows, split):  # one replica fewer on any stage would make it the new bottleneck
+        if s["replicas"] > 1:
+            assert video_flops(r) / (s["replicas"] - 1) >= max(per_replica)
+    assert split[-1]["replicas"] == max(s["replicas"] for s in split)  # ssr3: most of a video's FLOPs
+    assert split[0]["pipeline_videos_per_hour"] == pytest.approx(3600 * 200e12 / max(per_replica))
+    shared = plan_replicas(rows, 2, 200.0)  # fewer devices than stages: one each, sharing two GPUs
+    assert [s["replicas"] for s in shared] == [1] * 7
+    assert shared[0]["pipeline_videos_per_hour"] == pytest.approx(
+        3600 * 2 * 200e12 / sum(map(video_flops, rows))
+    )
+    assert main(["render", "--cascade", str(CASCADES / "imagen_video.yaml"), "--plan", "--gpus", "64"]) == 0
+    assert "64 devices: " in capsys.readouterr().out
