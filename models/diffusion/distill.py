@@ -1,0 +1,70 @@
+"""Progressive distillation (Salimans & Ho 2022): the target that teaches a student to take, in one
+deterministic DDIM step, the two DDIM steps its teacher takes.
+
+A student that samples in N steps walks the grid t_i = 1 - i/N; its teacher, with 2N steps, passes
+through the midpoint t - 1/(2N) of every student step. From x_t the teacher steps t → t' = t - 1/(2N)
+→ t'' = t - 1/N; the student's target is the clean sample x̃0 whose single DDIM step t → t'' lands on
+the same x_t'':
+
+    x_t'' = alpha_t''·x̃0 + sigma_t''·(x_t - alpha_t·x̃0) / sigma_t
+    ⇒  x̃0 = (x_t'' - (sigma_t''/sigma_t)·x_t) / (alpha_t'' - (sigma_t''/sigma_t)·alpha_t).
+
+At the last student step (t'' = 0, where the sampler returns its clean prediction) the target is the
+teacher's final clean prediction itself. The target is returned in the student's parameterization
+("v" as in Imagen Video's distilled cascade). Coefficients are computed in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from models.diffusion.schedules import CosineSchedule, Prediction, broadcast_like, to_x0_eps
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+"""(x_t, t) → the model's output in its parameterization; t is (B,) float."""
+
+
+def _coefficients(schedule: CosineSchedule, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    alpha, sigma = schedule.alpha_sigma(t.to(torch.float64))
+    return tuple(broadcast_like(c.to(device=like.device, dtype=like.dtype), like) for c in (alpha, sigma))
+
+
+def _ddim(x_t: Tensor, x0: Tensor, now: tuple[Tensor, Tensor], nxt: tuple[Tensor, Tensor]) -> Tensor:
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = now, nxt
+    return alpha_s * x0 + sigma_s * (x_t - alpha_t * x0) / sigma_t
+
+
+def two_step_target(
+    teacher: ModelFn,
+    x_t: Tensor,
+    t: Tensor,
+    student_steps: int,
+    schedule: CosineSchedule,
+    teacher_prediction: Prediction = "v",
+    student_prediction: Prediction = "v",
+) -> Tensor:
+    """The student's regression target at (x_t, t) for `student_steps` sampling steps (see the module
+    docstring): two teacher DDIM steps folded into one. `t` (B,) must lie on the student's grid."""
+    if student_steps < 1:
+        raise ValueError(f"student_steps must be >= 1, got {student_steps}")
+    half = 0.5 / student_steps
+    t_mid, t_end = t - half, (t - 2 * half).clamp(min=0.0)
+    now, mid = _coefficients(schedule, t, x_t), _coefficients(schedule, t_mid, x_t)
+    x0, _ = to_x0_eps(teacher(x_t, t), x_t, *now, teacher_prediction)
+    x_mid = _ddim(x_t, x0, now, mid)
+    x0_mid, _ = to_x0_eps(teacher(x_mid, t_mid), x_mid, *mid, teacher_prediction)
+    last = broadcast_like((t_end <= 0).to(x_t.dtype).to(x_t.device), x_t)
+    end = _coefficients(schedule, t_end.clamp(min=half), x_t)  # any t > 0 where this is the last step
+    x_end = _ddim(x_mid, x0_mid, mid, end)
+    ratio = end[1] / now[1]
+    folded = (x_end - ratio * x_t) / (end[0] - ratio * now[0])
+    target_x0 = last * x0_mid + (1 - last) * folded
+    alpha, sigma = now
+    if student_prediction == "x0":
+        return target_x0
+    if student_prediction == "eps":
+        return (x_t - alpha * target_x0) / sigma
+    return (alpha * x_t - target_x0) / sigma  # v, from x0 = alpha·x_t - sigma·v
