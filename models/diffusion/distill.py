@@ -21,7 +21,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from models.diffusion.schedules import CosineSchedule, Prediction, broadcast_like, to_x0_eps
+from models.diffusion.schedules import (
+    CosineSchedule,
+    Prediction,
+    broadcast_like,
+    to_x0_eps,
+    training_target,
+)
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 """(x_t, t) → the model's output in its parameterization; t is (B,) float."""
@@ -63,8 +69,5 @@ def two_step_target(
     folded = (x_end - ratio * x_t) / (end[0] - ratio * now[0])
     target_x0 = last * x0_mid + (1 - last) * folded
     alpha, sigma = now
-    if student_prediction == "x0":
-        return target_x0
-    if student_prediction == "eps":
-        return (x_t - alpha * target_x0) / sigma
-    return (alpha * x_t - target_x0) / sigma  # v, from x0 = alpha·x_t - sigma·v
+    noise = (x_t - alpha * target_x0) / sigma  # the noise that x_t and the target x0 imply
+    return training_target(target_x0, noise, alpha, sigma, student_prediction)

@@ -357,7 +357,8 @@ def render(
             jobs.append(job)
         header = {"cascade": {"name": cascade.name, "file": cascade_file}}
         context = RenderContext(specs, settings, header)
-        return _run(jobs, context, stage_costs(specs, cascade, out), executor, progress)
+        costs = stage_costs(specs, cascade, out) if settings.devices else ([1.0] * len(specs), "unused: one replica per stage")
+        return _run(jobs, context, costs, executor, progress)
 
 
 def stage_index(cascade: CascadeConfig, name: str) -> int:
@@ -413,8 +414,7 @@ def upscale(
     }
     with folder_lock(out, "upscale"):  # before reading what an earlier upscale left
         _resume(job, specs)
-        save_video_tensor(
-            job_dir / "stages" / INPUT_FILE, video, {"digest": digest}
-        )  # the first stage reads it
+        # the prepared clip, which the first stage's replica reads
+        save_video_tensor(job_dir / "stages" / INPUT_FILE, video, {"digest": digest})
         context = RenderContext(specs, settings, header)
         return _run([job], context, ([1.0] * len(specs), "equal (one clip)"), executor, progress)
