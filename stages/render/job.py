@@ -357,7 +357,9 @@ def render(
             jobs.append(job)
         header = {"cascade": {"name": cascade.name, "file": cascade_file}}
         context = RenderContext(specs, settings, header)
-        costs = stage_costs(specs, cascade, out) if settings.devices else ([1.0] * len(specs), "unused: one replica per stage")
+        costs = ([1.0] * len(specs), "unused: one replica per stage")
+        if settings.devices:
+            costs = stage_costs(specs, cascade, out)
         return _run(jobs, context, costs, executor, progress)
 
 
