@@ -128,7 +128,7 @@ def layout_call(src: Tensor, pattern: str, backward: bool, **sizes: int) -> Call
 def unavailable(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run at all on `device`, or None."""
     if backend == "xformers" and not xformers_available():
-        return "xformers not installed"
+        return "xformers missing, or without kernels for this torch"
     if backend == "xformers" and device.type != "cuda":
         return f"xformers needs CUDA (device is {device.type})"
     return None

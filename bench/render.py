@@ -43,6 +43,7 @@ import argparse
 import dataclasses
 import math
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, get_args
@@ -255,6 +256,9 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
+    if summary.failures:
+        first = summary.failures[0]
+        sys.exit(f"{len(summary.failures)} failed, the first at {first['stage']}: {first['reason']}")
     rows = stage_rows(cascade, summary)
     print_table(rows)
     local = throughput_row("local", "-", summary)

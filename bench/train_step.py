@@ -43,6 +43,7 @@ from models.attention import resolve_backend
 from models.flops import forward_flops, parameter_count, token_grid
 from stages.precision import DTYPES, torch_dtype
 from stages.train import init_distributed
+from stages.train.ops import prepare_builds
 from stages.train.parallelize import deepspeed_config, lr_factor
 from stages.train.trainer import DiffusionTrainer
 
@@ -124,10 +125,12 @@ def time_steps(cfg: RunConfig, device: torch.device, args: argparse.Namespace) -
 
     torch.manual_seed(cfg.train.seed)
     module = DiffusionTrainer(cfg)
+    ds_config = deepspeed_config(cfg, 1)
+    prepare_builds(ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=[p for p in module.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg, 1),
+        config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, cfg.train.warmup_steps, cfg.train.steps)
         ),

@@ -3,8 +3,10 @@
 from configs.cascade import (
     check_stage_model,
     load_cascade,
+    network_passes,
     sampler_settings,
     stage_factor,
+    stage_sampling,
     validate_cascade,
 )
 from configs.loader import ConfigError, dump_config, fingerprint, load_config, model_config, to_dict
@@ -47,8 +49,10 @@ __all__ = [
     "load_cascade",
     "load_config",
     "model_config",
+    "network_passes",
     "sampler_settings",
     "stage_factor",
+    "stage_sampling",
     "to_dict",
     "validate_cascade",
 ]

@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from configs.loader import ConfigError, check_layer, merge_with_preset, parse_override, read_yaml
-from configs.schema import CascadeConfig, CascadeStageConfig, ModelConfig
+from configs.schema import CascadeConfig, CascadeStageConfig, ModelConfig, RunConfig
 from configs.validate import (
     check_choices,
     check_finite,
@@ -207,6 +207,22 @@ SAMPLER_FIELDS = ("sampler", "steps", "guidance_scale", "guidance_schedule", "gu
 def sampler_settings(stage: CascadeStageConfig) -> dict[str, Any]:
     """The stage's sampler settings by field name (`SAMPLER_FIELDS`, in that order)."""
     return {name: getattr(stage, name) for name in SAMPLER_FIELDS}
+
+
+def stage_sampling(stage: CascadeStageConfig, run: RunConfig) -> dict[str, Any]:
+    """The sampler settings stage `stage` runs the model of run config `run` with: the stage's, except
+    that a progressive-distillation student samples with DDIM at the step count it learned."""
+    settings = sampler_settings(stage)
+    if run.distill.teacher and run.distill.steps:
+        settings.update(sampler="ddim", steps=run.distill.steps)
+    return settings
+
+
+def network_passes(stage: CascadeStageConfig, model: ModelConfig) -> int:
+    """Forward passes per sampling step: two under classifier-free guidance (a weight that is not
+    constantly 1), one without it or for a guidance-distilled model, which takes the weight as an input."""
+    guided = stage.guidance_scale != 1.0 or stage.guidance_schedule == "oscillating"
+    return 2 if guided and not model.guidance_range else 1
 
 
 def stage_factor(prev: CascadeStageConfig | None, cur: CascadeStageConfig) -> int:

@@ -82,6 +82,8 @@ class ModelConfig:
     """Largest batch per attention kernel call; larger batches (e.g. B·S temporal) are chunked."""
     max_fps: float = 120.0
     """Largest frame rate the fps embedding is scaled for."""
+    guidance_range: list[float] = field(default_factory=list)
+    """[w_min, w_max] of a guidance-distilled model, which takes the guidance weight as input; [] = none."""
 
 
 @dataclass
@@ -253,6 +255,16 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Progressive distillation (`models.diffusion.distill`): the model learns from a frozen teacher."""
+
+    teacher: str = ""
+    """The teacher: a training out_dir (newest committed checkpoint) or step dir; "" = no distillation."""
+    steps: int = 0
+    """Sampling steps the student learns (a DDIM step for two of the teacher's); 0: a guidance round."""
+
+
+@dataclass
 class ParallelConfig:
     """How training is distributed and what precision it uses."""
 
@@ -306,6 +318,8 @@ class CascadeStageConfig:
     """base (text → video; only the first stage), tsr or ssr."""
     checkpoint: str = ""
     """A training out_dir (newest committed checkpoint) or a committed step dir; empty until trained."""
+    distilled: str = ""
+    """A distillation out_dir of this stage's model: sampled instead, at its own step count; "" = none."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model shape for `render --plan` while there is no checkpoint (a checkpoint's own config wins)."""
     frames: int = 8
@@ -359,6 +373,8 @@ class RunConfig:
     """Dataset preprocessing."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimization and checkpointing."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Progressive distillation from a teacher (off unless distill.teacher is set)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Distribution and precision."""
     render: RenderConfig = field(default_factory=RenderConfig)
@@ -388,6 +404,18 @@ class SynthConfig:
 
 
 @dataclass
+class PipelineDistillConfig:
+    """The distillation rounds a pipeline runs after one of its trainings, each a training of its own."""
+
+    rounds: list[int] = field(default_factory=list)
+    """Student steps per round, each half the one before (e.g. [8, 4]: teacher 16 → 8 → 4); [] = none."""
+    guidance: list[float] = field(default_factory=list)
+    """[w_min, w_max]: first a round that folds classifier-free guidance into the model; [] = none."""
+    config: list[str] = field(default_factory=list)
+    """Run-config YAML files and overrides applied to every round, after the training's own (train.steps…)."""
+
+
+@dataclass
 class PipelineTrainingConfig:
     """One model a pipeline trains, with the run config `pipeline train` would take."""
 
@@ -403,6 +431,8 @@ class PipelineTrainingConfig:
     """GPUs per worker (0 on CPU machines)."""
     wait_for_workers_s: float = 600.0
     """Seconds each start of a worker group waits for its resources; 4 such starts fail the training."""
+    distill: PipelineDistillConfig = field(default_factory=PipelineDistillConfig)
+    """Distillation rounds after this training (their student renders in its cascade stage)."""
 
 
 @dataclass

@@ -99,6 +99,35 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         )
     if m.pos_embed == "sincos" and m.width % 8:
         raise ValueError(f"{prefix}.width: {m.width} must be divisible by 8 for sincos positions")
+    check_guidance_range(f"{prefix}.guidance_range", m.guidance_range)
+
+
+def check_guidance_range(name: str, value: list[float]) -> None:
+    """[] or [w_min, w_max] with 0 <= w_min < w_max."""
+    if value and not (len(value) == 2 and 0 <= value[0] < value[1]):
+        raise ValueError(f"{name}: got {list(value)}, expected [] or [w_min, w_max] with 0 <= w_min < w_max")
+
+
+def _validate_distill(cfg: RunConfig) -> None:
+    """A distillation names its teacher; a guidance round (steps 0) needs a guidance-input student."""
+    d = cfg.distill
+    check_positive("distill.steps", d.steps, allow_zero=True)
+    if not d.teacher:
+        if d.steps:
+            raise ValueError(
+                f"distill.steps={d.steps} but distill.teacher is empty; name the teacher to distil"
+            )
+        if cfg.model.guidance_range:
+            raise ValueError(
+                "model.guidance_range: a guidance input is learned from a teacher by distillation; set "
+                "distill.teacher (and distill.steps=0 for the guidance round)"
+            )
+        return
+    if not d.steps and not cfg.model.guidance_range:
+        raise ValueError(
+            "distill.steps=0 is a guidance round, which needs model.guidance_range ([w_min, w_max]); "
+            "set distill.steps to the student's sampling steps for a progressive round"
+        )
 
 
 def _validate_super_resolution(cfg: RunConfig) -> None:
@@ -336,6 +365,7 @@ def _validate_pipeline(p: PipelineConfig) -> None:
     for name, t in p.trainings.items():
         if not t.config:
             raise ValueError(f"trainings.{name}.config: empty; expected run-config YAML files and overrides")
+        _validate_pipeline_distill(f"trainings.{name}.distill", t.distill.rounds, t.distill.guidance)
         for field in ("workers", "cpus_per_worker"):
             check_positive(f"trainings.{name}.{field}", getattr(t, field))
         check_positive(f"trainings.{name}.gpus_per_worker", t.gpus_per_worker, allow_zero=True)
@@ -349,6 +379,17 @@ def _validate_pipeline(p: PipelineConfig) -> None:
     if any(not text.strip() for text in p.prompts):
         raise ValueError(f"prompts: blank prompt in {p.prompts}; every prompt needs text")
     validate_render(p.render)
+
+
+def _validate_pipeline_distill(at: str, rounds: list[int], guidance: list[float]) -> None:
+    check_guidance_range(f"{at}.guidance", guidance)
+    for i, steps in enumerate(rounds):
+        check_positive(f"{at}.rounds[{i}]", steps)
+        if i and rounds[i - 1] != 2 * steps:
+            raise ValueError(
+                f"{at}.rounds: {list(rounds)}; each round halves the steps of the one before "
+                f"(expected {rounds[i - 1] / 2:g} after {rounds[i - 1]})"
+            )
 
 
 def validate(cfg: Any) -> None:
@@ -382,6 +423,7 @@ def validate(cfg: Any) -> None:
             f"got text.encoder={cfg.text.encoder} (the byte encoder trains with the model)"
         )
     _validate_train(cfg.train)
+    _validate_distill(cfg)
     _validate_super_resolution(cfg)
     _validate_parallel(cfg.parallel)
     check_sequence_parallel(cfg)

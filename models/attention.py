@@ -14,6 +14,7 @@ Huge row counts (temporal attention runs B·S short sequences) are split into ch
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from typing import get_args
@@ -29,9 +30,16 @@ Backend = AttentionKernel
 BACKENDS: tuple[Backend, ...] = get_args(AttentionKernel)
 
 
+@functools.cache
 def xformers_available() -> bool:
-    """True when the xformers package is importable (it only runs on CUDA tensors)."""
-    return importlib.util.find_spec("xformers") is not None
+    """True when xformers imports with its compiled kernels (it only runs on CUDA tensors). A wheel built
+    for another torch or CUDA imports but has none (xformers warns, and every call then fails): 'auto'
+    uses SDPA then."""
+    if importlib.util.find_spec("xformers") is None:
+        return False
+    import xformers
+
+    return bool(getattr(xformers, "_has_cpp_library", True))
 
 
 def resolve_backend(name: str, device: torch.device | str) -> Backend:
@@ -44,7 +52,10 @@ def resolve_backend(name: str, device: torch.device | str) -> Backend:
             f"attention backend '{name}' unknown; expected one of {', '.join(get_args(AttentionBackend))}"
         )
     if name == "xformers" and (device.type != "cuda" or not xformers_available()):
-        raise ValueError(f"attention backend 'xformers' needs CUDA tensors and xformers; device is {device}")
+        raise ValueError(
+            f"attention backend 'xformers' needs CUDA tensors and xformers built for this torch; device is "
+            f"{device}, xformers {'usable' if xformers_available() else 'missing or without its kernels'}"
+        )
     return name  # type: ignore[return-value]
 
 

@@ -212,6 +212,11 @@ class VideoDiT(nn.Module):
         for layer in (self.final_modulation, self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.guidance_embed = None
+        if config.guidance_range:  # a guidance-distilled model: built last, so the other weights init alike
+            self.guidance_embed = ScalarEmbedder(dim, scale=config.guidance_range[1])
+            nn.init.zeros_(self.guidance_embed.mlp[-1].weight)  # starts as the model it is distilled from
+            nn.init.zeros_(self.guidance_embed.mlp[-1].bias)
         self._backends: dict[str, Backend] = {}
 
     # ---- input checks (before any compute) ----------------------------------------------------------
@@ -271,6 +276,7 @@ class VideoDiT(nn.Module):
         cond_aug: Tensor | None = None,
         segments: Tensor | None = None,
         sequence: SequenceSplit | None = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
         """Predict the diffusion target for noisy x (B, C, T, H, W) at times t (B,) or per frame (B, T).
 
@@ -278,7 +284,9 @@ class VideoDiT(nn.Module):
         drop_text (B,) or (B, T) bool replaces the text by the learned null embedding (classifier-free
         guidance); cond (B, C, T, H, W) is the upsampled low-resolution video of SR models and cond_aug
         (B,) its augmentation level; segments (B, T) int packs independent clips or images along the frame
-        axis (contiguous runs of equal ids). Per-frame inputs need a temporal patch size of 1.
+        axis (contiguous runs of equal ids). Per-frame inputs need a temporal patch size of 1. guidance (B,)
+        is the classifier-free guidance weight of a guidance-distilled model (model.guidance_range), which
+        then gives the guided prediction in one pass; other models take none.
 
         sequence: the clip's tokens split over ranks (`SequenceSplit`). Then x, cond and every per-frame
         input are this rank's T/N frames (frames rank·T/N onwards, N = sequence.size), and so is the output.
@@ -309,6 +317,12 @@ class VideoDiT(nn.Module):
             if cond.shape != x.shape:
                 raise ValueError(f"cond: expected the shape of x {tuple(x.shape)}, got {tuple(cond.shape)}")
             cond_aug = _per_frame(cond_aug, batch, "cond_aug", frames)
+        if (guidance is None) != (self.guidance_embed is None):
+            raise ValueError(
+                "guidance: a guidance-distilled model (model.guidance_range) needs the guidance weight (B,)"
+                if guidance is None
+                else "guidance: this model was not guidance-distilled (model.guidance_range is empty)"
+            )
 
         # conditioning vector c: (B, 1 | T', D)
         if drop_text is not None:
@@ -318,6 +332,8 @@ class VideoDiT(nn.Module):
         c = self.time_embed(t) + self.fps_embed(fps) + self.text_pool(pooled_text)
         if self.aug_embed is not None:
             c = c + self.aug_embed(cond_aug)
+        if self.guidance_embed is not None:
+            c = c + self.guidance_embed(_per_frame(guidance, batch, "guidance", frames))
 
         # tokens: (B, T'·S, D)
         inp = torch.cat([x, cond], dim=1) if self.is_sr else x
@@ -340,6 +356,8 @@ class VideoDiT(nn.Module):
 
     def _drop_text(self, text: Tensor, mask: Tensor, drop: Tensor) -> tuple[Tensor, Tensor]:
         """Replace dropped rows by the null embedding: one learned token, the rest masked out."""
+        if drop.dim() == 1 and text.dim() == 4:  # one verdict per item, over its per-frame captions
+            drop = drop[:, None].expand(text.shape[:2])
         if drop.shape != text.shape[:-2]:
             raise ValueError(f"drop_text: expected shape {tuple(text.shape[:-2])}, got {tuple(drop.shape)}")
         length = text.shape[-2]
@@ -395,13 +413,14 @@ class VideoDiT(nn.Module):
     # ---- weights -----------------------------------------------------------------------------------
 
     def load_weights(self, state: dict[str, Tensor]) -> None:
-        """Load a state dict; temporal-attention weights may be missing (an image model's weights)."""
+        """Load a state dict; temporal-attention weights may be missing (an image model's weights), and so
+        may the guidance input (the weights of the model a guidance-distilled one starts from)."""
         try:
             missing, unexpected = self.load_state_dict(state, strict=False)
         except RuntimeError as err:  # a tensor of another shape
             mismatch = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
             raise ValueError(f"weights do not match the model config: {'; '.join(mismatch[:4])}") from err
-        not_temporal = [k for k in missing if ".temporal_" not in k]
+        not_temporal = [k for k in missing if ".temporal_" not in k and not k.startswith("guidance_embed.")]
         if not_temporal or unexpected:
             raise ValueError(
                 f"weights do not match the model config: missing {not_temporal[:8]}, "

@@ -1,15 +1,21 @@
 """The end-to-end job of `pipeline run`: a `PipelineConfig` turned into the stage graph.
 
-    synth ──▶ preprocess ──┬──▶ train-base ──┐
-    (or ingest `inputs`)   ├──▶ train-tsr  ──┼──▶ render ──▶ report
-                           └──▶ train-ssr  ──┘
+    synth ──▶ preprocess ──┬──▶ train-base ──▶ train-base-distill-8 ──┐
+    (or ingest `inputs`)   ├──▶ train-tsr  ───────────────────────────┼──▶ render ─────────┬──▶ report
+                           └──▶ train-ssr  ───────────────────────────┘   render-teacher ─┘
+
+A training with `distill.rounds` (and `distill.guidance`) is followed by its distillation rounds, each a
+training of its own (`{training}-guidance`, then `{training}-distill-{steps}`) whose teacher is the one
+before; its cascade stage renders the last student (`distilled`), and `render-teacher` renders the same
+prompts through the undistilled cascade for the report's side-by-side comparison.
 
 Run directory (`out_dir`):
 
 - `data/`: the synthetic dataset (the synth stage; absent when `inputs` are ingested);
 - `shards/`: the preprocess output (`shards/*.tar`, manifest.json, failures.jsonl, lineage.jsonl);
 - `{training}/`: each model's `train.out_dir` (checkpoints/, metrics.jsonl, tensorboard/);
-- `renders/`: one folder per prompt (docs/RENDERING.md);
+- `renders/`: one folder per prompt (docs/RENDERING.md); `renders-teacher/`: the same prompts through
+  the teachers of distilled stages;
 - `index.html`, `contact_sheet.png`: the report;
 - `pipeline/`: `config.yaml` (the resolved pipeline config), `graph.json`, `stages/*.json`;
 - `.tessera-lock`: held while a run writes the directory (`stages/folder_lock.py`).
@@ -50,6 +56,7 @@ from configs.validate import validate
 from pipeline.graph import GraphStage, Plan
 
 RENDERS = "renders"
+TEACHER_RENDERS = "renders-teacher"
 SHARDS = "shards"
 DATA = "data"
 
@@ -95,22 +102,41 @@ class PipelineJob:
         pre = _run_config(cfg.preprocess, "preprocess")
         pre = replace(pre, preprocess=replace(pre.preprocess, out=str(self.out / SHARDS)))
         self.preprocess = _checked(pre, "preprocess")
-        self.trainings = {name: self._training(name, t) for name, t in cfg.trainings.items()}
+        self.trainings: dict[str, RunConfig] = {}
+        """Every training by name, distillation rounds included (after their teachers)."""
+        self.launch: dict[str, PipelineTrainingConfig] = {}
+        """How each training launches (a round as the training it distils)."""
+        self.after: dict[str, str] = {}
+        """The graph stage each training waits for: preprocess, or its teacher's training."""
+        self.students: dict[str, str] = {}
+        """A distilled training's name → its last round's name."""
+        for name, t in cfg.trainings.items():
+            self._add_training(name, t.config, t, "preprocess", f"trainings.{name}")
+            teacher = name
+            for label, extra in _distill_rounds(t.distill.rounds, t.distill.guidance):
+                round_name = f"{name}-{label}"
+                items = [*t.config, *t.distill.config, f"distill.teacher={self.out / teacher}", *extra]
+                where = f"trainings.{name}.distill (round {label})"
+                self._add_training(round_name, items, t, f"train-{teacher}", where)
+                teacher = self.students[name] = round_name
         for name, run in self.trainings.items():
             self._check_geometry(name, run)
         self.cascade = self._load_cascade() if cfg.cascade else None
         self.render = replace(cfg.render, out_dir=str(self.out / RENDERS))
 
-    def _training(self, name: str, t: PipelineTrainingConfig) -> RunConfig:
-        """A training's run config, reading the preprocessed shards and writing to `{out_dir}/{name}`."""
-        where = f"trainings.{name}"
-        run = _run_config(t.config, where)
+    def _add_training(
+        self, name: str, items: list[str], launch: PipelineTrainingConfig, after: str, where: str
+    ) -> None:
+        """A training's run config (of `items`), reading the preprocessed shards and writing to
+        `{out_dir}/{name}`, launched as `launch` after the graph stage `after`."""
+        run = _run_config(items, where)
         run = replace(
             run,
             data=replace(run.data, shards=str(self.out / SHARDS / "shards")),
             train=replace(run.train, out_dir=str(self.out / name)),
         )
-        return _checked(run, where)
+        self.trainings[name] = _checked(run, where)
+        self.launch[name], self.after[name] = launch, after
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -138,14 +164,16 @@ class PipelineJob:
         cfg = self.cfg
         cascade = load_cascade(cfg.cascade, cfg.cascade_overrides)
         names = [s.name for s in cascade.stages]
-        unknown = sorted(set(self.trainings) - set(names))
+        unknown = sorted(set(cfg.trainings) - set(names))
         if unknown:
             raise ConfigError(
                 f"trainings {unknown} match no stage of {cfg.cascade} (stages: {names}); "
                 "a training renders in the cascade stage of the same name"
             )
         pointed = [
-            replace(s, checkpoint=str(self.out / s.name)) if s.name in self.trainings else s
+            replace(s, checkpoint=str(self.out / s.name), distilled=self._student_dir(s.name))
+            if s.name in cfg.trainings
+            else s
             for s in cascade.stages
         ]
         cascade = replace(cascade, stages=pointed)
@@ -201,11 +229,11 @@ class PipelineJob:
             )
         )
         for name, run in self.trainings.items():
-            t = cfg.trainings[name]
+            t = self.launch[name]
             stages.append(
                 GraphStage(
                     f"train-{name}",
-                    ("preprocess",),
+                    (self.after[name],),
                     fingerprint({"config": to_dict(run), "workers": t.workers}),
                     [out / name],
                     self._trainer(name),
@@ -223,14 +251,28 @@ class PipelineJob:
                     trained,
                     fingerprint(self._render_settings()),
                     [out / RENDERS],
-                    self._render,
+                    lambda: self._render(self.cascade, self.render),
                     f"{len(cfg.prompts)} prompts through {len(self.cascade.stages)} stages → {out / RENDERS}",
                 )
             )
+        rendered = ("render",) if self.cascade is not None else trained
+        if self.students and self.cascade is not None:
+            teachers, settings = self._teacher_render()
+            stages.append(
+                GraphStage(
+                    "render-teacher",
+                    trained,
+                    fingerprint(self._render_settings(teachers)),
+                    [out / TEACHER_RENDERS],
+                    lambda: self._render(teachers, settings),
+                    f"the prompts through the undistilled cascade → {out / TEACHER_RENDERS}",
+                )
+            )
+            rendered = ("render", "render-teacher")
         stages.append(
             GraphStage(
                 "report",
-                ("render",) if self.cascade is not None else trained,
+                rendered,
                 fingerprint({"name": cfg.name}),
                 [out / "index.html"],
                 self._report,
@@ -239,13 +281,24 @@ class PipelineJob:
         )
         return stages
 
-    def _render_settings(self) -> dict[str, Any]:
+    def _student_dir(self, name: str) -> str:
+        return str(self.out / self.students[name]) if name in self.students else ""
+
+    def _teacher_render(self) -> tuple[CascadeConfig, RenderConfig]:
+        """The cascade with every stage's `distilled` cleared, and where it renders."""
+        stages = [replace(s, distilled="") for s in self.cascade.stages]
+        return replace(self.cascade, stages=stages), replace(
+            self.render, out_dir=str(self.out / TEACHER_RENDERS)
+        )
+
+    def _render_settings(self, cascade: CascadeConfig | None = None) -> dict[str, Any]:
         """What the render stage's outputs depend on, for its fingerprint: the cascade, the prompts, the
         seed, and each other output-changing render setting only while it is not at its default (so a new
         setting leaves the fingerprints of runs at the defaults as they are). render.batch_size (the same
         videos: every prompt has its own generators) and render.out_dir (the outputs' place) do not count.
         """
-        settings = {"cascade": to_dict(self.cascade), "prompts": self.cfg.prompts, "seed": self.render.seed}
+        cascade = self.cascade if cascade is None else cascade
+        settings = {"cascade": to_dict(cascade), "prompts": self.cfg.prompts, "seed": self.render.seed}
         default = RenderConfig()
         for name in ("precision", "save_intermediate", "contact_sheet"):
             if getattr(self.render, name) != getattr(default, name):
@@ -298,7 +351,7 @@ class PipelineJob:
         def run() -> str:
             from pipeline.ray_train import ray_train
 
-            cfg, t = self.trainings[name], self.cfg.trainings[name]
+            cfg, t = self.trainings[name], self.launch[name]
             stop = threading.Event()
             follower = threading.Thread(target=self._follow, args=(name, cfg, stop), daemon=True)
             follower.start()
@@ -336,15 +389,15 @@ class PipelineJob:
                     bar.set_postfix(loss=_loss(metrics), refresh=False)
                     bar.refresh()
 
-    def _render(self) -> str:
+    def _render(self, cascade: CascadeConfig, settings: RenderConfig) -> str:
         from pipeline.ray_render import ray_executor
         from stages.render import FAILURES, render
 
         cfg = self.cfg
         summary = render(
-            self.cascade,
+            cascade,
             cfg.prompts,
-            self.render,
+            settings,
             cascade_file=cfg.cascade,
             executor=ray_executor(self.address),
             progress=self.progress,
@@ -371,6 +424,7 @@ class PipelineJob:
             configs=configs,
             trainings={name: self.out / name for name in self.trainings},
             render_dir=self.out / RENDERS,
+            teacher_dir=self.out / TEACHER_RENDERS if self.students and self.cascade is not None else None,
         )
         scores = "; ".join(
             f"{stage}: colour {c['color']}/{c['judged']}, shape {c['shape']}/{c['judged']}, "
@@ -378,6 +432,14 @@ class PipelineJob:
             for stage, c in summary.adherence.items()
         )
         return f"{summary.path}" + (f" (prompt checks {scores})" if scores else "")
+
+
+def _distill_rounds(rounds: list[int], guidance: list[float]) -> list[tuple[str, list[str]]]:
+    """(label, run-config overrides) of each distillation round: a guidance round first when `guidance`
+    is set, then one round per student step count (every student of a guided chain takes the weight)."""
+    takes = [f"model.guidance_range=[{guidance[0]},{guidance[1]}]"] if guidance else []
+    first = [("guidance", ["distill.steps=0", *takes])] if guidance else []
+    return first + [(f"distill-{steps}", [f"distill.steps={steps}", *takes]) for steps in rounds]
 
 
 def _training_resources(t: PipelineTrainingConfig) -> dict[str, float]:

@@ -4,7 +4,9 @@ The page shows, top to bottom: the title and when it was made; `contact_sheet.pn
 prompt, the last stage's frames across); a prompt-adherence table per cascade stage; one section per
 finished prompt with every stage's clip (scaled up, pixelated) and, for prompts that are synthetic-dataset
 captions, what `stages.synth.describe` reads from that stage's frames; a loss chart (inline SVG) and a
-summary table per trained model; and the run's configs as collapsible YAML.
+summary table per trained model; and the run's configs as collapsible YAML. A run with distilled stages
+also gets a side-by-side section: each prompt through the distilled cascade and through its teachers,
+with the network evaluations per video and the prompt checks of both.
 
 The page is self-contained (no JavaScript, no external resources) and every link is relative to the
 report's folder, so the folder can be moved or served as is. Everything taken from data (prompts,
@@ -93,6 +95,8 @@ class ReportSummary:
     sheet: Path | None
     prompts: int
     adherence: dict[str, dict[str, int]]
+    teacher_adherence: dict[str, dict[str, int]] = field(default_factory=dict)
+    """The same counts for the undistilled cascade's videos (empty without a teacher render)."""
 
 
 @dataclass
@@ -105,6 +109,8 @@ class StageView:
     media: Path | None
     seen: str | None = None
     verdict: dict[str, bool] | None = None
+    evaluations: int = 0
+    """Network forward passes per video at this stage (steps × passes per step), 0 if not recorded."""
 
 
 @dataclass
@@ -198,6 +204,7 @@ def read_prompt(job_dir: Path) -> PromptView | None:
             else [],
             fps=float(fps) if _is_number(fps) else 0.0,
             media=_stage_media(job_dir, record, last, sidecar.get("output")),
+            evaluations=_evaluations(record),
         )
         frames = _read_frames(job_dir / str(record.get("file", ""))) if record.get("file") else None
         if frames is not None:
@@ -206,6 +213,18 @@ def read_prompt(job_dir: Path) -> PromptView | None:
                 view.final = frames[frame_indices(len(frames), SHEET_FRAMES)]
         view.stages.append(stage)
     return view
+
+
+def _evaluations(record: dict[str, Any]) -> int:
+    """Forward passes per video of a sidecar stage record: steps, doubled under classifier-free guidance
+    unless the model was guidance-distilled (it takes the weight as an input)."""
+    steps, guidance = record.get("steps"), record.get("guidance")
+    if not isinstance(steps, int) or not isinstance(guidance, dict):
+        return 0
+    distilled = record.get("distilled")
+    one_pass = isinstance(distilled, dict) and bool(distilled.get("guidance_range"))
+    guided = guidance.get("scale") != 1 or guidance.get("schedule") == "oscillating"
+    return steps * (2 if guided and not one_pass else 1)
 
 
 def read_rendered_prompts(render_dir: Path) -> tuple[list[PromptView], int]:
@@ -395,6 +414,53 @@ def _adherence_html(adherence: dict[str, dict[str, int]]) -> str:
     return f"<p>{_esc(CHECK_EXPLANATION)}</p>\n<table>{head}\n" + "\n".join(rows) + "</table>"
 
 
+def _comparison_html(
+    prompts: list[PromptView],
+    teachers: list[PromptView],
+    adherence: dict,
+    teacher_adherence: dict,
+    run_dir: Path,
+) -> str:
+    """Each prompt through the distilled cascade beside the same prompt through the teachers, after a
+    table of network evaluations per video and prompt checks per stage for both."""
+    if not teachers:
+        return ""
+    first = {s.name: s.evaluations for s in (prompts or teachers)[0].stages}
+    before = {s.name: s.evaluations for s in teachers[0].stages}
+    rows = []
+    for name in before:
+        checks = [
+            " / ".join(f"{c[a]}/{c['judged']}" for a in ("color", "shape")) if c else "—"
+            for c in (adherence.get(name), teacher_adherence.get(name))
+        ]
+        rows.append(
+            f"<tr><td>{_esc(name)}</td><td>{first.get(name, 0)}</td><td>{before[name]}</td>"
+            f"<td>{_esc(checks[0])}</td><td>{_esc(checks[1])}</td></tr>"
+        )
+    head = (
+        "<tr><th>stage</th><th>evaluations (distilled)</th><th>evaluations (teacher)</th>"
+        "<th>colour / shape (distilled)</th><th>colour / shape (teacher)</th></tr>"
+    )
+    by_index = {t.index: t for t in teachers}
+    pairs = []
+    for prompt in prompts:
+        teacher = by_index.get(prompt.index)
+        if teacher is None:
+            continue
+        cells = [
+            f'<div class="stages"><b>{label}</b>\n'
+            + "\n".join(_stage_html(s, run_dir) for s in view.stages)
+            + "</div>"
+            for label, view in (("distilled", prompt), ("teacher", teacher))
+        ]
+        title = f"<h3>#{prompt.index}: {_esc(prompt.text)}</h3>"
+        pairs.append(f'<section class="prompt">{title}\n{"".join(cells)}</section>')
+    return (
+        '<section id="distilled"><h2>Distilled against teacher</h2>\n'
+        f"<table>{head}\n{''.join(rows)}</table>\n" + "\n".join(pairs) + "\n</section>"
+    )
+
+
 def _training_table(records: list[dict[str, Any]]) -> str:
     points = loss_points(records)
     rows = [
@@ -442,6 +508,7 @@ def render_page(
     adherence: dict[str, dict[str, int]],
     trainings: list[TrainingView],
     configs: dict[str, str],
+    comparison: str = "",
 ) -> str:
     """The whole `index.html` text."""
     stamp = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -472,6 +539,7 @@ def render_page(
 <section id="prompts"><h2>Prompts</h2>
 {prompts_html}
 </section>
+{comparison}
 <section id="training"><h2>Training</h2>
 {trainings_html}
 </section>
@@ -500,12 +568,19 @@ def write_overall_sheet(prompts: list[PromptView], run_dir: Path) -> Path | None
 
 
 def write_report(
-    run_dir: Path, *, title: str, configs: dict[str, str], trainings: dict[str, Path], render_dir: Path
+    run_dir: Path,
+    *,
+    title: str,
+    configs: dict[str, str],
+    trainings: dict[str, Path],
+    render_dir: Path,
+    teacher_dir: Path | None = None,
 ) -> ReportSummary:
     """Write `run_dir/index.html` and `run_dir/contact_sheet.png` for a finished (or partial) run.
 
     `configs` maps a label to YAML text, `trainings` a model name to its training `out_dir` (with
-    `metrics.jsonl`), and `render_dir` is the renderer's output folder of per-prompt directories.
+    `metrics.jsonl`), and `render_dir` is the renderer's output folder of per-prompt directories;
+    `teacher_dir`, the same prompts rendered through the teachers of distilled stages.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -513,6 +588,8 @@ def write_report(
     adherence = count_adherence(prompts)
     sheet = write_overall_sheet(prompts, run_dir)
     views = [TrainingView(name, read_metrics(Path(out_dir))) for name, out_dir in trainings.items()]
+    teachers = read_rendered_prompts(Path(teacher_dir))[0] if teacher_dir is not None else []
+    teacher_adherence = count_adherence(teachers)
     page = render_page(
         title=title,
         run_dir=run_dir,
@@ -522,7 +599,8 @@ def write_report(
         adherence=adherence,
         trainings=views,
         configs=configs,
+        comparison=_comparison_html(prompts, teachers, adherence, teacher_adherence, run_dir),
     )
     path = run_dir / INDEX
     write_text(path, page)
-    return ReportSummary(path=path, sheet=sheet, prompts=len(prompts), adherence=adherence)
+    return ReportSummary(path, sheet, len(prompts), adherence, teacher_adherence)

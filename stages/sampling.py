@@ -136,6 +136,7 @@ def generate(
         )
         for i in range(steps)
     ]
+    _check_guidance_weights(model, weights)
     param = next(model.parameters())
     shape = (1, model.config.in_channels, frames, height, width)
 
@@ -155,6 +156,17 @@ def generate(
         for module, mode in modes:
             module.train(mode)
     return video.clamp(-1.0, 1.0)
+
+
+def _check_guidance_weights(model: VideoDiT, weights: list[float]) -> None:
+    """A guidance-distilled model samples only at weights within the range it learned."""
+    bounds = model.config.guidance_range
+    outside = sorted({w for w in weights if bounds and not bounds[0] <= w <= bounds[1]})
+    if outside:
+        raise ValueError(
+            f"guidance weight {outside[0]:g} is outside the range {list(bounds)} this guidance-distilled "
+            "model learned (model.guidance_range); set guidance_scale (and guidance_low) within it"
+        )
 
 
 def _augment(
@@ -197,7 +209,8 @@ def _denoise(
     kwargs: dict[str, Tensor],
     progress: bool,
 ) -> Tensor:
-    """Walk the sampler grid from `noise` (float32) with one guided, batched model call per step.
+    """Walk the sampler grid from `noise` (float32) with one guided, batched model call per step: a
+    classifier-free-guided pair of passes, or one pass of a guidance-distilled model given the weight.
 
     Each item steps with its own sampler and generator, so its result never depends on its batch mates.
     """
@@ -210,7 +223,11 @@ def _denoise(
     times = samplers[0].timesteps.tolist()
     for i, t in enumerate(tqdm(times, desc="sampling", unit="step", disable=not progress)):
         t_batch = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)  # (B,)
-        out = classifier_free_guidance(model_fn, x, t_batch, weights[i], **kwargs)  # (B, C, T, H, W)
+        if model.guidance_embed is not None:
+            weight = torch.full_like(t_batch, weights[i])
+            out = model_fn(x, t_batch, guidance=weight, **kwargs)  # (B, C, T, H, W)
+        else:
+            out = classifier_free_guidance(model_fn, x, t_batch, weights[i], **kwargs)
         steps = [
             sampler.step(out[b : b + 1], t, x[b : b + 1], generator=g)
             for b, (sampler, g) in enumerate(zip(samplers, generators))

@@ -4,6 +4,7 @@ Pure functions and small classes; every function that needs the model takes it a
 """
 
 from models.diffusion.augment import augment_condition, sample_augment_levels
+from models.diffusion.distill import distillation_loss, student_times, two_step_target
 from models.diffusion.guidance import classifier_free_guidance, dynamic_threshold, guidance_scale_at
 from models.diffusion.losses import loss_weight, training_loss
 from models.diffusion.samplers import (
@@ -35,6 +36,7 @@ __all__ = [
     "augment_condition",
     "broadcast_like",
     "classifier_free_guidance",
+    "distillation_loss",
     "dynamic_threshold",
     "gaussian_like",
     "guidance_scale_at",
@@ -43,8 +45,10 @@ __all__ = [
     "sample_augment_levels",
     "sample_loop",
     "size_shift",
+    "student_times",
     "to_x0_eps",
     "training_loss",
     "training_target",
+    "two_step_target",
     "uniform_timesteps",
 ]

@@ -1,5 +1,5 @@
 """Progressive distillation (Salimans & Ho 2022): the target that teaches a student to take, in one
-deterministic DDIM step, the two DDIM steps its teacher takes.
+deterministic DDIM step, the two DDIM steps its teacher takes, and the loss that regresses on it.
 
 A student that samples in N steps walks the grid t_i = 1 - i/N; its teacher, with 2N steps, passes
 through the midpoint t - 1/(2N) of every student step. From x_t the teacher steps t → t' = t - 1/(2N)
@@ -12,6 +12,10 @@ the same x_t'':
 At the last student step (t'' = 0, where the sampler returns its clean prediction) the target is the
 teacher's final clean prediction itself. The target is returned in the student's parameterization
 ("v" as in Imagen Video's distilled cascade). Coefficients are computed in float64.
+
+Guidance distillation (Meng et al. 2023) is the round before: the student, which takes the guidance
+weight w as an input, regresses at any time on its teacher's classifier-free-guided output at w
+(`student_steps = 0`); the teacher passed in is then that guided prediction.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from models.diffusion.losses import Weighting, noised, weighted_error
 from models.diffusion.schedules import (
     CosineSchedule,
     Prediction,
@@ -71,3 +76,56 @@ def two_step_target(
     alpha, sigma = now
     noise = (x_t - alpha * target_x0) / sigma  # the noise that x_t and the target x0 imply
     return training_target(target_x0, noise, alpha, sigma, student_prediction)
+
+
+def student_times(shape: tuple[int, ...], student_steps: int, generator: torch.Generator) -> Tensor:
+    """Times drawn uniformly from the student's sampling grid 1, 1 - 1/N, ..., 1/N (float32, `shape`);
+    `student_steps = 0` (a guidance round) draws them uniformly from [0, 1) as ordinary training does."""
+    if student_steps == 0:
+        return torch.rand(shape, generator=generator)
+    index = torch.randint(0, student_steps, shape, generator=generator)
+    return 1.0 - index.to(torch.float32) / student_steps
+
+
+def distillation_target(
+    teacher: ModelFn,
+    x_t: Tensor,
+    t: Tensor,
+    student_steps: int,
+    schedule: CosineSchedule,
+    teacher_prediction: Prediction,
+    student_prediction: Prediction,
+) -> Tensor:
+    """What the student regresses on at (x_t, t): two folded teacher steps (`two_step_target`), or for a
+    guidance round (`student_steps = 0`) the teacher's own prediction, in the student's parameterization."""
+    if student_steps:
+        return two_step_target(
+            teacher, x_t, t, student_steps, schedule, teacher_prediction, student_prediction
+        )
+    alpha, sigma = _coefficients(schedule, t, x_t)
+    x0, eps = to_x0_eps(teacher(x_t, t), x_t, alpha, sigma, teacher_prediction)
+    return training_target(x0, eps, alpha, sigma, student_prediction)
+
+
+def distillation_loss(
+    student: ModelFn,
+    teacher: ModelFn,
+    x0: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    schedule: CosineSchedule,
+    student_steps: int,
+    teacher_prediction: Prediction,
+    prediction: Prediction = "v",
+    weighting: Weighting = "none",
+    min_snr_gamma: float = 5.0,
+) -> Tensor:
+    """Per-sample distillation loss (B,): x0 noised to t (on the student's grid, `student_times`), the
+    frozen teacher's target (`distillation_target`, without gradients, in float32) and the student's
+    weighted squared error against it, as `training_loss` weighs a diffusion loss."""
+    x_t, _, _ = noised(x0, t, noise, schedule)
+    with torch.no_grad():
+        target = distillation_target(
+            teacher, x_t.float(), t, student_steps, schedule, teacher_prediction, prediction
+        )
+    return weighted_error(student(x_t, t), target, t, schedule, prediction, weighting, min_snr_gamma)

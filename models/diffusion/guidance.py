@@ -31,9 +31,10 @@ def _double(name: str, value: Any, batch: int) -> Any:
 
 
 def classifier_free_guidance(
-    model_fn: Callable[..., Tensor], x: Tensor, t: Tensor, scale: float, **model_kwargs: Any
+    model_fn: Callable[..., Tensor], x: Tensor, t: Tensor, scale: float | Tensor, **model_kwargs: Any
 ) -> Tensor:
     """Guided prediction uncond + scale·(cond - uncond) from one model call on a doubled batch.
+    `scale` is one weight, or one per item (B,) (a guidance-distillation teacher's).
 
     The first half of the doubled batch keeps the text (drop_text False), the second half drops it
     (drop_text True). Linear in the model output, so it applies to v, eps or x0 predictions alike.
@@ -42,7 +43,7 @@ def classifier_free_guidance(
     if "drop_text" in model_kwargs:
         raise ValueError("classifier_free_guidance sets drop_text itself; do not pass it in model_kwargs")
     batch = x.shape[0]
-    if scale == 1:
+    if not isinstance(scale, Tensor) and scale == 1:
         drop = torch.zeros(batch, dtype=torch.bool, device=x.device)
         return model_fn(x, t, drop_text=drop, **model_kwargs)
 
@@ -55,6 +56,8 @@ def classifier_free_guidance(
     )  # (2B,)
     out = model_fn(torch.cat([x, x], dim=0), _double("t", t, batch), drop_text=drop, **kwargs)
     cond, uncond = out[:batch], out[batch:]
+    if isinstance(scale, Tensor):
+        scale = broadcast_like(scale.to(device=out.device, dtype=out.dtype), cond)
     return uncond + scale * (cond - uncond)
 
 

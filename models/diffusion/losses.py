@@ -65,22 +65,39 @@ def training_loss(
     """
     if noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} does not match x0 shape {tuple(x0.shape)}")
-    logsnr = schedule.logsnr(t)  # (B,) or (B, T)
-    weight = loss_weight(logsnr, prediction, weighting, min_snr_gamma)  # validates weighting first
+    loss_weight(schedule.logsnr(t), prediction, weighting, min_snr_gamma)  # validates weighting first
+    x_t, alpha, sigma = noised(x0, t, noise, schedule)
+    target = training_target(x0, noise, alpha, sigma, prediction)
+    output = model_fn(x_t, t, **model_kwargs)
+    return weighted_error(output, target, t, schedule, prediction, weighting, min_snr_gamma)
+
+
+def noised(x0: Tensor, t: Tensor, noise: Tensor, schedule: CosineSchedule) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_t, alpha, sigma): x0 noised to times t (B,) or (B, T), with the schedule's coefficients at t
+    in x0's device and dtype (not yet broadcast)."""
     alpha, sigma = schedule.alpha_sigma(t)
     alpha = alpha.to(device=x0.device, dtype=x0.dtype)
     sigma = sigma.to(device=x0.device, dtype=x0.dtype)
+    return broadcast_like(alpha, x0) * x0 + broadcast_like(sigma, x0) * noise, alpha, sigma
 
-    x_t = broadcast_like(alpha, x0) * x0 + broadcast_like(sigma, x0) * noise
-    target = training_target(x0, noise, alpha, sigma, prediction)
-    output = model_fn(x_t, t, **model_kwargs)
-    if output.shape != x0.shape:
+
+def weighted_error(
+    output: Tensor,
+    target: Tensor,
+    t: Tensor,
+    schedule: CosineSchedule,
+    prediction: Prediction,
+    weighting: Weighting,
+    min_snr_gamma: float,
+) -> Tensor:
+    """Per-sample mean over non-batch dims of weight·(output - target)², shape (B,)."""
+    if output.shape != target.shape:
         raise ValueError(
-            f"model output shape {tuple(output.shape)} does not match x0 shape {tuple(x0.shape)}"
+            f"model output shape {tuple(output.shape)} does not match x0 shape {tuple(target.shape)}"
         )
-
+    weight = loss_weight(schedule.logsnr(t), prediction, weighting, min_snr_gamma)  # (B,) or (B, T)
     # Reduce in at least float32 so bf16 model outputs do not lose the small residuals.
     dtype = torch.promote_types(output.dtype, torch.float32)
     sq_err = (output.to(dtype) - target.to(dtype)) ** 2
-    weighted = broadcast_like(weight.to(device=x0.device, dtype=dtype), sq_err) * sq_err
+    weighted = broadcast_like(weight.to(device=output.device, dtype=dtype), sq_err) * sq_err
     return weighted.flatten(1).mean(dim=1)  # (B,)

@@ -17,11 +17,12 @@ from configs import (
     CascadeConfig,
     CascadeStageConfig,
     ModelConfig,
-    TextConfig,
+    RunConfig,
     check_stage_model,
     load_config,
-    sampler_settings,
+    network_passes,
     stage_factor,
+    stage_sampling,
     validate_cascade,
 )
 from models.flops import forward_flops, parameter_count, token_grid
@@ -30,27 +31,40 @@ from stages.artifacts import resolve_committed
 BYTES_FP32 = 4
 
 
-def _stage_model(cascade: CascadeConfig, index: int, factor: int) -> tuple[ModelConfig, int, str]:
-    """(model config, text tokens, source): the committed checkpoint's config when there is one."""
+def _committed_run(path: str, what: str) -> tuple[RunConfig, Path] | None:
+    """A committed checkpoint's run config and step directory, or None while there is none."""
+    if not path:
+        return None
+    try:
+        step = resolve_committed(path, what)
+    except FileNotFoundError:
+        return None  # not trained yet
+    return load_config([step / "config.yaml"]), step
+
+
+def _stage_model(cascade: CascadeConfig, index: int, factor: int) -> tuple[RunConfig, str]:
+    """(run config, source) of what stage `index` samples with: its committed distilled checkpoint, else
+    its committed checkpoint, else a run config holding the stage's `model` block."""
     stage = cascade.stages[index]
-    step: Path | None = None
-    if stage.checkpoint:
-        try:
-            step = resolve_committed(stage.checkpoint, f"stage '{stage.name}' checkpoint")
-        except FileNotFoundError:
-            step = None  # not trained yet: plan from the stage's model block
-    if step is None:
+    found = _committed_run(stage.distilled, f"stage '{stage.name}' distilled") or _committed_run(
+        stage.checkpoint, f"stage '{stage.name}' checkpoint"
+    )
+    if found is None:
         sr_factor = stage.model.sr_factor if stage.kind == "base" else factor  # unused by a base model
-        model = dataclasses.replace(stage.model, kind=stage.kind, sr_factor=sr_factor)
-        return model, TextConfig().max_length, "config"
-    run = load_config([step / "config.yaml"])
+        return RunConfig(
+            model=dataclasses.replace(stage.model, kind=stage.kind, sr_factor=sr_factor)
+        ), "config"
+    run, step = found
     check_stage_model(cascade, index, run.model, f"stage '{stage.name}' (checkpoint {step})")
-    return run.model, run.text.max_length, str(step)
+    return run, str(step)
 
 
-def uses_guidance(stage: CascadeStageConfig) -> bool:
-    """Classifier-free guidance is on (two forward passes per step) unless the weight is constantly 1."""
-    return stage.guidance_scale != 1.0 or stage.guidance_schedule == "oscillating"
+def _sampling_cost(stage: CascadeStageConfig, run: RunConfig) -> dict[str, Any]:
+    """Steps, passes per step and forward FLOPs per step of `stage` sampling the model of `run`."""
+    settings = stage_sampling(stage, run)
+    passes = network_passes(stage, run.model)
+    forward = forward_flops(run.model, stage.frames, stage.height, stage.width, run.text.max_length).total
+    return {**settings, "passes": passes, "flops_per_step": passes * forward}
 
 
 def memory_bytes(model: ModelConfig, params: int, grid: tuple[int, int, int], batch: int) -> int:
@@ -78,41 +92,73 @@ def memory_bytes(model: ModelConfig, params: int, grid: tuple[int, int, int], ba
 
 def plan_cascade(cascade: CascadeConfig, batch_size: int = 1) -> list[dict[str, Any]]:
     """One JSON-serializable row per stage: shapes, sampler settings, model source and size, tokens,
-    FLOPs and memory for rendering `batch_size` videos. No weights are loaded."""
+    steps and passes, FLOPs and memory for rendering `batch_size` videos; a stage with a committed
+    distilled checkpoint also gets its teacher's steps, passes and FLOPs (`teacher`). No weights load."""
     validate_cascade(cascade)
     rows: list[dict[str, Any]] = []
     prev: CascadeStageConfig | None = None
     for index, stage in enumerate(cascade.stages):
         factor = stage_factor(prev, stage)
-        model, text_tokens, source = _stage_model(cascade, index, factor)
+        run, source = _stage_model(cascade, index, factor)
+        model = run.model
         grid = token_grid(model, stage.frames, stage.height, stage.width)  # patches checked on loading
-        passes = 2 if uses_guidance(stage) else 1
-        per_step = passes * forward_flops(model, stage.frames, stage.height, stage.width, text_tokens).total
+        cost = _sampling_cost(stage, run)
         params = parameter_count(model)
-        rows.append(
-            {
-                "name": stage.name,
-                "kind": stage.kind,
-                "factor": factor,
-                "input": None
-                if prev is None
-                else {"frames": prev.frames, "height": prev.height, "width": prev.width, "fps": prev.fps},
-                "frames": stage.frames,
-                "height": stage.height,
-                "width": stage.width,
-                "fps": stage.fps,
-                **sampler_settings(stage),
-                "checkpoint": stage.checkpoint,
-                "model_source": source,
-                "parameters": params,
-                "tokens": grid[0] * grid[1] * grid[2],
-                "flops_per_step": per_step,
-                "flops": per_step * stage.steps * batch_size,
-                "memory_gib": memory_bytes(model, params, grid, batch_size * passes) / 2**30,
-            }
+        row = {
+            "name": stage.name,
+            "kind": stage.kind,
+            "factor": factor,
+            "input": None
+            if prev is None
+            else {"frames": prev.frames, "height": prev.height, "width": prev.width, "fps": prev.fps},
+            "frames": stage.frames,
+            "height": stage.height,
+            "width": stage.width,
+            "fps": stage.fps,
+            **cost,
+            "checkpoint": stage.checkpoint,
+            "model_source": source,
+            "parameters": params,
+            "tokens": grid[0] * grid[1] * grid[2],
+            "flops": cost["flops_per_step"] * cost["steps"] * batch_size,
+            "memory_gib": memory_bytes(model, params, grid, batch_size * cost["passes"]) / 2**30,
+        }
+        teacher = (
+            _committed_run(stage.checkpoint, f"stage '{stage.name}' checkpoint")
+            if run.distill.teacher
+            else None
         )
+        if teacher is not None:
+            own = _sampling_cost(stage, teacher[0])
+            row["teacher"] = {
+                "steps": own["steps"],
+                "passes": own["passes"],
+                "flops": own["flops_per_step"] * own["steps"] * batch_size,
+            }
+        rows.append(row)
         prev = stage
     return rows
+
+
+def format_distillation(rows: list[dict[str, Any]]) -> str:
+    """One line per distilled stage: its steps × passes against its teacher's, and the FLOPs saved."""
+    lines = []
+    for row in rows:
+        teacher = row.get("teacher")
+        if teacher is None:
+            continue
+        evals, before = row["steps"] * row["passes"], teacher["steps"] * teacher["passes"]
+        lines.append(
+            f"distilled {row['name']}: {row['steps']} steps × {row['passes']} pass(es) = {evals} network "
+            f"evaluations against its teacher's {teacher['steps']} × {teacher['passes']} = {before} "
+            f"({before / evals:.1f}× fewer); {(teacher['flops'] - row['flops']) / 1e9:,.1f} GFLOPs saved"
+        )
+    if lines:
+        total = sum(r.get("teacher", r)["flops"] for r in rows)
+        now = sum(r["flops"] for r in rows)
+        undistilled = f"{total / 1e9:,.1f} GFLOPs undistilled"
+        lines.append(f"the cascade: {now / 1e9:,.1f} GFLOPs against {undistilled} ({total / now:.1f}×)")
+    return "\n".join(lines)
 
 
 def _shape(d: dict[str, Any]) -> str:
@@ -134,8 +180,9 @@ def _count(n: float) -> str:
 
 def format_cascade_plan(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table of `plan_cascade` rows plus a total line (memory total = every stage resident
-    at once, as in the pipelined renderer with one replica per stage)."""
-    header = ("stage", "kind", "input → output (T×H×W@fps)", "steps", "guidance", "params", "GFLOPs", "GiB")
+    at once, as in the pipelined renderer with one replica per stage), then `format_distillation`'s lines."""
+    header = ("stage", "kind", "input → output (T×H×W@fps)", "steps", "passes", "guidance", "params")
+    header += ("GFLOPs", "GiB")
     table = [header]
     for row in rows:
         source = "-" if row["input"] is None else _shape(row["input"])
@@ -146,6 +193,7 @@ def format_cascade_plan(rows: list[dict[str, Any]]) -> str:
                 kind,
                 f"{source} → {_shape(row)}",
                 str(row["steps"]),
+                str(row["passes"]),
                 _guidance(row),
                 _count(row["parameters"]),
                 f"{row['flops'] / 1e9:,.1f}",
@@ -159,20 +207,23 @@ def format_cascade_plan(rows: list[dict[str, Any]]) -> str:
             "",
             str(sum(r["steps"] for r in rows)),
             "",
+            "",
             _count(sum(r["parameters"] for r in rows)),
             f"{sum(r['flops'] for r in rows) / 1e9:,.1f}",
             f"{sum(r['memory_gib'] for r in rows):.2f}",
         )
     )
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    left = {0, 1, 2, 4}
+    left = {0, 1, 2, 5}
 
     def fmt(line: tuple[str, ...]) -> str:
         cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
         return "  ".join(cells).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(table[0]), rule, *(fmt(line) for line in table[1:-1]), rule, fmt(table[-1])])
+    distilled = format_distillation(rows)
+    lines = [fmt(table[0]), rule, *(fmt(line) for line in table[1:-1]), rule, fmt(table[-1])]
+    return "\n".join(lines + ([distilled] if distilled else []))
 
 
 # ---------------------------------------------------------------------------------------------------

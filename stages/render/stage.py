@@ -30,7 +30,7 @@ from configs import (
     RunConfig,
     check_stage_model,
     load_config,
-    sampler_settings,
+    stage_sampling,
 )
 from models.superres import upsample_video
 from models.text import check_t5_dir
@@ -89,7 +89,13 @@ class StageSpec:
             "cond_aug_level": s.cond_aug_level if s.kind != "base" else None,
             # recorded only when not fp32: an fp32 stage's fingerprint does not depend on the field
             **({"precision": self.precision} if self.precision != "fp32" else {}),
+            **({"distilled": self._distilled()} if self.run.distill.teacher else {}),
         }
+
+    def _distilled(self) -> dict:
+        """A distilled student's provenance: its teacher, the steps it learned, its guidance input."""
+        d, m = self.run.distill, self.run.model
+        return {"teacher": d.teacher, "steps": d.steps, "guidance_range": list(m.guidance_range)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,7 +132,9 @@ def prepare_stage(
     if not stage.checkpoint:
         raise FileNotFoundError(f"{where}: no checkpoint set (train the stage and set its checkpoint path)")
     step = resolve_committed(stage.checkpoint, f"{where} checkpoint").resolve()
-    where = f"{where} (checkpoint {step})"
+    if stage.distilled:  # the teacher must exist too: it is what the student is compared with
+        step = resolve_committed(stage.distilled, f"{where} distilled checkpoint").resolve()
+    where = f"{where} ({'distilled' if stage.distilled else 'checkpoint'} {step})"
     run = _read_checkpoint_config(step, where)
     check_stage_model(cascade, index, run.model, where)
     for path in exported_files(step, run):
@@ -135,7 +143,7 @@ def prepare_stage(
     if run.text.encoder == "t5":
         t5 = check_t5_dir(run.text.t5_path).resolve()  # absolute: Ray actors run elsewhere
         run = dataclasses.replace(run, text=dataclasses.replace(run.text, t5_path=str(t5)))
-    overrides = sampler_settings(stage)
+    overrides = stage_sampling(stage, run)
     if guidance_scale is not None:
         overrides.update(guidance_scale=float(guidance_scale), guidance_schedule="constant")
     diffusion = dataclasses.replace(run.diffusion, **overrides)

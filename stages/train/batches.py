@@ -1,7 +1,7 @@
 """What the step loop does to a loader batch before the model sees it: the stage's training geometry
 (`fit_batch`, and `check_shard_geometry` of a shard directory before the first step), super-resolution
-pairs (`sr_pair`), the diffusion times, noise and text dropout of a batch (`draw_noise`), and its frozen
-text embeddings (`encode_frozen`).
+pairs (`sr_pair`), the diffusion times, noise and text dropout of a batch (`draw_noise`), a guidance-
+distilled student's guidance weights (`draw_guidance`), and its frozen text embeddings (`encode_frozen`).
 
 Without data.reduce, training never guesses a geometry: shard samples must be data.frames × height ×
 width (images 1 × height × width; with preprocess.resize=bucket, any of preprocess.buckets for height ×
@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from configs import RunConfig
-from models.diffusion import CosineSchedule, augment_condition, sample_augment_levels
+from configs.schema import DistillConfig
+from models.diffusion import CosineSchedule, augment_condition, sample_augment_levels, student_times
 from models.superres import degrade, reduce_video
 from models.text import T5TextEncoder
 
@@ -25,14 +26,26 @@ if TYPE_CHECKING:  # the loader module loads webdataset: `import stages.train` s
     from stages.shards.loader import Batch
 
 
-def draw_noise(batch: Batch, gen: torch.Generator, dropout: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(times, noise, drop_text) for a batch: per item for videos, per frame for packed images."""
+def draw_noise(
+    batch: Batch, gen: torch.Generator, dropout: float, distill: DistillConfig | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(times, noise, drop_text) for a batch: per item for videos, per frame for packed images; the
+    times of a progressive-distillation round lie on its student's sampling grid."""
     x = batch.x  # (B, C, T, H, W)
     shape = (x.shape[0],) if batch.kind == "video" else (x.shape[0], x.shape[2])  # (B,) or (B, T)
-    times = torch.rand(shape, generator=gen)
+    if distill is not None and distill.teacher:
+        times = student_times(shape, distill.steps, gen)
+    else:
+        times = torch.rand(shape, generator=gen)
     noise = torch.randn(x.shape, generator=gen)
     drop_text = torch.rand(shape, generator=gen) < dropout
     return times, noise, drop_text
+
+
+def draw_guidance(batch: Batch, gen: torch.Generator, weights: list[float]) -> Tensor:
+    """Guidance weights (B,) drawn uniformly from [w_min, w_max] for a guidance-distilled student."""
+    low, high = weights
+    return low + (high - low) * torch.rand(batch.x.shape[0], generator=gen)
 
 
 def fit_batch(batch: Batch, cfg: RunConfig, gen: torch.Generator) -> Batch:

@@ -35,9 +35,17 @@ from stages.atomic import remove_leftovers
 from stages.folder_lock import FolderInUse, folder_lock
 from stages.precision import torch_dtype
 from stages.train import checkpoint, elastic
-from stages.train.batches import check_shard_geometry, draw_noise, encode_frozen, fit_batch, sr_pair
+from stages.train.batches import (
+    check_shard_geometry,
+    draw_guidance,
+    draw_noise,
+    encode_frozen,
+    fit_batch,
+    sr_pair,
+)
+from stages.train.distill import load_teacher
 from stages.train.distributed import init_distributed
-from stages.train.ops import build_lock, run_time_builds, wait_for_build_locks
+from stages.train.ops import prepare_builds
 from stages.train.parallelize import deepspeed_config, lr_factor, restore_torch_linear
 from stages.train.plan import format_training_plan, training_plan
 from stages.train.sequence_parallel import Layout, SequenceGroup
@@ -141,10 +149,11 @@ class TrainingRun:
         random.seed(train_cfg.seed)
         if not self.zero3:
             restore_torch_linear()
-        self.module = DiffusionTrainer(cfg, SequenceGroup.create(self.layout))
+        teacher = load_teacher(cfg) if cfg.distill.teacher else None
+        self.module = DiffusionTrainer(cfg, SequenceGroup.create(self.layout), teacher)
         self.trainable = [param for param in self.module.parameters() if param.requires_grad]
         ds_config = deepspeed_config(cfg, self.world)  # DeepSpeed's data-parallel group: all dp × sp ranks
-        wait_for_build_locks([build_lock(op) for op in run_time_builds(ds_config)])
+        prepare_builds(ds_config)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.module,
             model_parameters=self.trainable,
@@ -157,6 +166,8 @@ class TrainingRun:
         self.frozen_text = (
             T5TextEncoder.from_config(cfg.text).to(self.device) if cfg.text.encoder == "t5" else None
         )
+        if teacher is not None:
+            teacher.to(self.device, self.dtype)
         wrapped = [param for param in self.engine.module.parameters() if param.requires_grad]
         self.ema = Ema(wrapped, train_cfg.ema_decay)
         self.loader = loader_from_config(cfg, self.layout.dp_rank, self.layout.dp)
@@ -323,8 +334,11 @@ class TrainingRun:
         step's loss went non-finite, backward is skipped (no accumulation) or fed an exact zero loss
         (accumulation: DeepSpeed's micro-batch count stays in step)."""
         batch = self._next_batch(record)
-        times, noise, drop_text = draw_noise(batch, self.gen, self.train_cfg.text_dropout)
-        per_sample = self._per_sample_loss(batch, times, noise, drop_text)  # (B,)
+        guided = bool(self.cfg.model.guidance_range)  # a guidance-distilled student: always given the text
+        dropout = 0.0 if guided else self.train_cfg.text_dropout
+        times, noise, drop_text = draw_noise(batch, self.gen, dropout, self.cfg.distill)
+        guidance = draw_guidance(batch, self.gen, self.cfg.model.guidance_range) if guided else None
+        per_sample = self._per_sample_loss(batch, times, noise, drop_text, guidance)  # (B,)
         loss = per_sample.mean()
         if self.fault is not None and self.fault(self.step):
             loss = loss * float("nan")
@@ -352,9 +366,11 @@ class TrainingRun:
             self.preview_clips = batch
         return batch
 
-    def _per_sample_loss(self, batch: Batch, times: Tensor, noise: Tensor, drop_text: Tensor) -> Tensor:
+    def _per_sample_loss(
+        self, batch: Batch, times: Tensor, noise: Tensor, drop_text: Tensor, guidance: Tensor | None
+    ) -> Tensor:
         """The engine's per-sample loss (B,) of a batch: of its super-resolution pair for SR models, with
-        frozen text embeddings when the batch stores none."""
+        frozen text embeddings when the batch stores none (and a guidance-distilled student's weights)."""
         x0, cond, cond_aug = batch.x, None, None
         if self.cfg.model.kind != "base":
             x0, cond, cond_aug = sr_pair(x0, self.cfg, self.module.schedule, self.gen)
@@ -374,6 +390,7 @@ class TrainingRun:
             segments=None if batch.segments is None else batch.segments.to(device),
             cond=None if cond is None else cond.to(device, dtype),
             cond_aug=None if cond_aug is None else cond_aug.to(device),
+            guidance=None if guidance is None else guidance.to(device),
         )
 
     def _loss_is_nonfinite(self, loss: Tensor) -> bool:

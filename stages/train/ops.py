@@ -17,10 +17,13 @@ under torch's AdamW exactly: `adopt_fused_adam_steps` moves its step counts to t
 
 What is still built at run time (on CUDA, DeepSpeed's fused or CPU Adam; or an optimizer a user
 DeepSpeed JSON asks for) waits on a lock only for a bounded time, saying which file it waits on
-(`wait_for_build_locks`)."""
+(`wait_for_build_locks`), and gets a `TORCH_CUDA_ARCH_LIST` that DeepSpeed's JIT builder can parse
+(`deepspeed_arch_list`). `prepare_builds` does both before `deepspeed.initialize`."""
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -75,6 +78,27 @@ def adopt_fused_adam_steps(optimizer: Any) -> None:
             step = max(float(state["step"]) for state in states)
             for state in states:
                 state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def prepare_builds(ds_config: dict[str, Any]) -> None:
+    """Ready this process for the ops `deepspeed.initialize` with this config builds at run time: a
+    parsable arch list, and no other process building them."""
+    builds = run_time_builds(ds_config)
+    if builds:
+        deepspeed_arch_list()
+    wait_for_build_locks([build_lock(op) for op in builds])
+
+
+def deepspeed_arch_list() -> None:
+    """Drop the arch-specific suffix from `TORCH_CUDA_ARCH_LIST` entries ('9.0a' → '9.0', saying so):
+    CUDA images set Hopper's arch-specific target, which torch accepts but DeepSpeed 0.19's JIT builder
+    does not (it reads each minor version as digits and fails with "invalid literal for int(): '0a'").
+    Its Adam kernels use no arch-specific instructions."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    plain = re.sub(r"(\d+\.\d+)[af]\b", r"\1", archs)
+    if plain != archs:
+        print(f"TORCH_CUDA_ARCH_LIST={archs!r} → {plain!r} for DeepSpeed's op builds", file=sys.stderr)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = plain
 
 
 def run_time_builds(ds_config: dict[str, Any]) -> list[str]:

@@ -1,7 +1,7 @@
 """The module DeepSpeed wraps and what lives beside it: `DiffusionTrainer` (the DiT plus the jointly
-trained byte text encoder; a frozen T5 stays outside, so its weights never enter checkpoints or the
-optimizer), the fp32 `Ema` of the weights, and `full_state`, the gathered fp32 state dict that
-checkpoints export."""
+trained byte text encoder; a frozen T5 and a distillation teacher stay outside, so their weights never
+enter checkpoints or the optimizer), the fp32 `Ema` of the weights, and `full_state`, the gathered fp32
+state dict that checkpoints export."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from configs import RunConfig
-from models.diffusion import CosineSchedule, training_loss
+from models.diffusion import CosineSchedule, classifier_free_guidance, distillation_loss, training_loss
 from models.dit import VideoDiT
 from models.text import ByteTextEncoder
+from stages.train.distill import Teacher, student_weights
 from stages.train.parallelize import parallelize_model
 from stages.train.sequence_parallel import SequenceGroup
 
@@ -25,13 +26,27 @@ class DiffusionTrainer(nn.Module):
 
     With a `sequence` group (parallel.sequence_parallel > 1) every rank of the group is given the same
     whole batch, runs the model on its slice of frames, and returns the samples' whole loss (the group
-    mean of the slices' losses; see `stages/train/sequence_parallel.py` for its gradient)."""
+    mean of the slices' losses; see `stages/train/sequence_parallel.py` for its gradient).
 
-    def __init__(self, cfg: RunConfig, sequence: SequenceGroup | None = None) -> None:
+    With a `teacher` (a distillation run, `stages/train/distill.py`) the model and text encoder start
+    from the teacher's weights and the loss is the distillation loss at the student's grid times."""
+
+    def __init__(
+        self, cfg: RunConfig, sequence: SequenceGroup | None = None, teacher: Teacher | None = None
+    ) -> None:
         super().__init__()
         self.sequence = sequence
-        self.dit = parallelize_model(VideoDiT(cfg.model), cfg.parallel, compile_blocks=cfg.train.compile)
+        dit = VideoDiT(cfg.model)
         self.text = ByteTextEncoder.from_config(cfg.text) if cfg.text.encoder == "byte" else None
+        self.teacher = teacher
+        """Not a submodule: DeepSpeed never sees it (moved to the device by `TrainingRun`)."""
+        if teacher is not None:
+            dit_state, text_state = student_weights(teacher)
+            dit.load_weights(dit_state)
+            if self.text is not None and text_state is not None:
+                self.text.load_state_dict(text_state)
+        self.dit = parallelize_model(dit, cfg.parallel, compile_blocks=cfg.train.compile)
+        self.student_steps = cfg.distill.steps
         self.schedule = CosineSchedule.from_config(
             cfg.diffusion, cfg.data.frames * cfg.data.height * cfg.data.width
         )
@@ -51,44 +66,98 @@ class DiffusionTrainer(nn.Module):
         segments: Tensor | None = None,
         cond: Tensor | None = None,
         cond_aug: Tensor | None = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
-        if text is None:
+        frozen = text is not None  # embeddings from the batch or a frozen T5: the teacher sees them too
+        if not frozen:
             if self.text is None:
                 raise ValueError("no text embeddings in the batch and no trainable text encoder")
-            emb = self.text(captions)
-            text, text_mask = emb.tokens.to(x0.dtype), emb.mask
-            if drop_text.dim() == 2:  # packed images: one caption per frame
-                b, f = drop_text.shape
-                text, text_mask = text.view(b, f, *text.shape[1:]), text_mask.view(b, f, -1)
+            text, text_mask = _encode(self.text, captions, drop_text, x0.dtype)
         sp, d = self.sequence, self.diffusion
         if sp is not None:  # this rank's frames of everything that has frames
             x0, noise = sp.shard(x0, 2), sp.shard(noise, 2)  # (B, C, T/N, H, W)
             t, fps, drop_text = (v if v.dim() == 1 else sp.shard(v, 1) for v in (t, fps, drop_text))
-            if text.dim() == 4:  # one caption per packed frame
-                text = sp.shard(text, 1)
-                text_mask = None if text_mask is None else sp.shard(text_mask, 1)
+            text, text_mask = _shard_text(sp, text, text_mask)
             segments = None if segments is None else sp.shard(segments, 1)
             if cond is not None:
                 cond = sp.shard(cond, 2)
                 cond_aug = cond_aug if cond_aug.dim() == 1 else sp.shard(cond_aug, 1)
-        loss = training_loss(
-            self.dit,
-            x0,
-            t,
-            noise,
-            self.schedule,
-            d.prediction,
-            d.loss_weighting,
-            d.min_snr_gamma,
-            text=text,
-            text_mask=text_mask,
-            fps=fps,
-            drop_text=drop_text,
-            segments=segments,
+        kwargs = {
+            "fps": fps,
+            "segments": segments,
             **({} if cond is None else {"cond": cond, "cond_aug": cond_aug}),
             **({} if sp is None else {"sequence": sp}),
-        )  # (B,)
+        }
+        if self.teacher is None:
+            loss = training_loss(
+                self.dit,
+                x0,
+                t,
+                noise,
+                self.schedule,
+                d.prediction,
+                d.loss_weighting,
+                d.min_snr_gamma,
+                text=text,
+                text_mask=text_mask,
+                drop_text=drop_text,
+                **kwargs,
+            )  # fmt: skip  (B,)
+        else:
+            teacher_text = (text, text_mask)
+            if not frozen and self.teacher.text is not None:
+                teacher_text = _encode(self.teacher.text, captions, drop_text, x0.dtype)
+                if sp is not None:
+                    teacher_text = _shard_text(sp, *teacher_text)
+            loss = distillation_loss(
+                lambda x, t_: self.dit(
+                    x, t_, text=text, text_mask=text_mask, drop_text=drop_text, guidance=guidance, **kwargs
+                ),
+                self._teacher_fn(teacher_text, drop_text, guidance, kwargs),
+                x0,
+                t,
+                noise,
+                self.schedule,
+                self.student_steps,
+                self.teacher.prediction,
+                d.prediction,
+                d.loss_weighting,
+                d.min_snr_gamma,
+            )  # fmt: skip  (B,)
         return loss if sp is None else sp.mean(loss)
+
+    def _teacher_fn(
+        self, text: tuple[Tensor, Tensor | None], drop_text: Tensor, guidance: Tensor | None, kwargs: dict
+    ):
+        """(x, t) → the teacher's prediction (float32): guided at the student's weights `guidance` (the
+        teacher's own guidance input, or classifier-free guidance of a teacher without one), else
+        conditioned as the student is (its text dropped where the student's is)."""
+        teacher = self.teacher
+        dtype = next(teacher.dit.parameters()).dtype
+        kw = {**kwargs, "text": text[0], "text_mask": text[1]}
+        if guidance is None or teacher.guided:
+            own = {} if guidance is None else {"guidance": guidance}
+            return lambda x, t: teacher.dit(x.to(dtype), t, drop_text=drop_text, **own, **kw).float()
+        return lambda x, t: classifier_free_guidance(teacher.dit, x.to(dtype), t, guidance, **kw).float()
+
+
+def _encode(
+    encoder: nn.Module, captions: list[str] | None, drop_text: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """A byte text encoder's (text, text_mask) of the batch's captions, per packed frame for images."""
+    emb = encoder(captions)
+    text, text_mask = emb.tokens.to(dtype), emb.mask
+    if drop_text.dim() == 2:  # packed images: one caption per frame
+        b, f = drop_text.shape
+        text, text_mask = text.view(b, f, *text.shape[1:]), text_mask.view(b, f, -1)
+    return text, text_mask
+
+
+def _shard_text(sp: SequenceGroup, text: Tensor, text_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """This rank's frames of per-frame text (packed images); per-clip text is every rank's."""
+    if text.dim() != 4:
+        return text, text_mask
+    return sp.shard(text, 1), None if text_mask is None else sp.shard(text_mask, 1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,8 +60,10 @@ def _write_prompt(
     intermediate: bool = True,
     sheet: bool = True,
     finished: bool = True,
+    sampling: dict[str, dict] | None = None,
 ) -> Path:
-    """A prompt folder laid out like the renderer's: stage tensors, media, sheet, sidecar (written last)."""
+    """A prompt folder laid out like the renderer's: stage tensors, media, sheet, sidecar (written last);
+    `sampling` adds fields (steps, guidance, distilled) to the named stages' records."""
     job = prompt_dir(render_dir, index, text)
     records = []
     for k, (name, frames, fps) in enumerate(stages):
@@ -72,6 +74,7 @@ def _write_prompt(
         shape = [3, *frames.shape[:3]]
         records.append(
             {"name": name, "kind": name, "shape": shape, "fps": fps, "file": str(path.relative_to(job))}
+            | (sampling or {}).get(name, {})
         )
     output = write_media(stages[-1][1], job / ("video" if stages[-1][2] > 0 else "image"), stages[-1][2])
     if sheet:
@@ -306,3 +309,49 @@ def test_loss_chart_scale_choice():
 )
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_distilled_stages_are_shown_beside_their_teachers(tmp_path):
+    """A guidance- and step-distilled base (10 steps, one pass each) against its teacher (20 steps, two
+    passes under guidance); the teacher's clip shows another colour than its prompt asks for."""
+    matched, other = VIDEOS[0], next(v for v in VIDEOS if v["color"] != VIDEOS[0]["color"])
+    guided = {"scale": 3.0, "schedule": "constant"}
+    plain = {"steps": 4, "guidance": {"scale": 1.0, "schedule": "constant"}}
+    distilled = {"teacher": "runs/base-guidance", "steps": 10, "guidance_range": [1.0, 4.0]}
+    student = _write_prompt(
+        tmp_path / "renders",
+        0,
+        str(matched["caption"]),
+        _cascade(matched),
+        sampling={"base": {"steps": 10, "guidance": guided, "distilled": distilled}, "ssr": plain},
+    )
+    teacher = _write_prompt(
+        tmp_path / "renders-teacher",
+        0,
+        str(matched["caption"]),
+        _cascade(other),
+        sampling={"base": {"steps": 20, "guidance": guided}, "ssr": plain},
+    )
+    summary = write_report(
+        tmp_path,
+        title="distilled",
+        configs={},
+        trainings={},
+        render_dir=tmp_path / "renders",
+        teacher_dir=tmp_path / "renders-teacher",
+    )
+    assert summary.adherence["base"]["color"] == 1 and summary.teacher_adherence["base"]["color"] == 0
+    page = summary.path.read_text(encoding="utf-8")
+    section = page[page.index('<section id="distilled">') :]
+    assert "<tr><td>base</td><td>10</td><td>40</td><td>1/1 / 1/1</td><td>0/1 / " in section
+    assert "<tr><td>ssr</td><td>4</td><td>4</td>" in section
+    assert "<b>distilled</b>" in section and "<b>teacher</b>" in section
+    parser = _Links()
+    parser.feed(section)
+    targets = {(tmp_path / unquote(link)).resolve() for link in parser.links}
+    assert (student / "stages" / "00-base.mp4").resolve() in targets
+    assert (teacher / "stages" / "00-base.mp4").resolve() in targets
+
+
+def test_a_report_without_a_teacher_render_has_no_comparison(run):
+    assert 'id="distilled"' not in run["html"] and run["summary"].teacher_adherence == {}

@@ -30,14 +30,29 @@ def _expected(overrides: list[str]) -> tuple[PipelineJob, dict[str, str]]:
     pre = _overridden(cfg.preprocess, [f"preprocess.out={out / 'shards'}"])
     assert job.preprocess == pre
     expected = {"preprocess": fingerprint({"config": to_dict(pre), "inputs": [str(out / "data")]})}
+    students = {}
     for name, t in cfg.trainings.items():
-        run = _overridden(
-            t.config, [f"data.shards={out / 'shards' / 'shards'}", f"train.out_dir={out / name}"]
-        )
-        assert job.trainings[name] == run, name
-        expected[f"train-{name}"] = fingerprint({"config": to_dict(run), "workers": t.workers})
+        # the training, then its rounds: each an ordinary training whose teacher is the one before
+        runs = [(name, t.config)]
+        for steps in t.distill.rounds:
+            teacher = runs[-1][0]
+            runs.append(
+                (
+                    f"{name}-distill-{steps}",
+                    [*t.config, *t.distill.config, f"distill.teacher={out / teacher}"],
+                )
+            )
+            runs[-1][1].append(f"distill.steps={steps}")
+            students[name] = runs[-1][0]
+        for run_name, items in runs:
+            run = _overridden(
+                items, [f"data.shards={out / 'shards' / 'shards'}", f"train.out_dir={out / run_name}"]
+            )
+            assert job.trainings[run_name] == run, run_name
+            expected[f"train-{run_name}"] = fingerprint({"config": to_dict(run), "workers": t.workers})
     names = [s.name for s in load_cascade(cfg.cascade, cfg.cascade_overrides).stages]
     pointed = [f"stages.{i}.checkpoint={out / n}" for i, n in enumerate(names) if n in cfg.trainings]
+    pointed += [f"stages.{i}.distilled={out / students[n]}" for i, n in enumerate(names) if n in students]
     cascade = load_cascade(cfg.cascade, [*cfg.cascade_overrides, *pointed])
     assert job.cascade == cascade
     expected["render"] = fingerprint({"cascade": to_dict(cascade), "prompts": cfg.prompts, "seed": 0})
@@ -97,3 +112,53 @@ def test_ray_train_makes_paths_absolute_and_leaves_shard_urls_alone(tmp_path, mo
         cfg = _absolute(load_config(overrides=[f"data.shards={url}", "train.out_dir=runs/x"]))
         assert cfg.data.shards == url and cfg.train.out_dir == str(tmp_path / "runs" / "x")
     assert _absolute(load_config(overrides=["data.shards=shards"])).data.shards == str(tmp_path / "shards")
+
+
+def test_distillation_rounds_follow_their_training_and_the_teachers_render_beside_the_students():
+    overrides = ["trainings.base.distill.rounds=[10,5]", "trainings.base.distill.guidance=[1,4]"]
+    job = PipelineJob(load_pipeline([DEMO], overrides))
+    out = job.out
+    rounds = ["base-guidance", "base-distill-10", "base-distill-5"]
+    stages = {s.name: s for s in job.stages()}
+    names = list(stages)
+    assert (
+        names.index("train-base") < names.index("train-base-guidance") < names.index("train-base-distill-5")
+    )
+    for teacher, student, steps in zip(["base", *rounds[:-1]], rounds, [0, 10, 5], strict=True):
+        run = job.trainings[student]
+        assert stages[f"train-{student}"].deps == (f"train-{teacher}",)
+        assert (run.distill.teacher, run.distill.steps) == (str(out / teacher), steps)
+        assert run.model.guidance_range == [1.0, 4.0] and run.train.out_dir == str(out / student)
+        assert run.train.steps == 200  # configs/demo/distill.yaml, over the base's own
+        assert dataclasses.replace(run.model, guidance_range=[]) == job.trainings["base"].model
+    base = job.cascade.stages[0]
+    assert (base.checkpoint, base.distilled) == (str(out / "base"), str(out / "base-distill-5"))
+    assert all(not s.distilled for s in job.cascade.stages[1:])
+    trained = {f"train-{name}" for name in job.trainings}
+    assert set(stages["render"].deps) == set(stages["render-teacher"].deps) == trained
+    assert stages["render-teacher"].outputs == [out / "renders-teacher"]
+    assert stages["report"].deps == ("render", "render-teacher")
+    assert stages["render"].fingerprint != stages["render-teacher"].fingerprint
+
+
+def test_a_pipeline_without_distillation_has_no_teacher_render():
+    job = PipelineJob(load_pipeline([DEMO], ["trainings.base.distill.rounds=[]"]))
+    names = [s.name for s in job.stages()]
+    assert "render-teacher" not in names and not any("distill" in n for n in names)
+    assert job.cascade.stages[0].distilled == ""
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "trainings.base.distill.rounds=[10,4]",
+            r"trainings.base.distill.rounds: \[10, 4\]; each round halves",
+        ),
+        ("trainings.base.distill.guidance=[4,1]", r"trainings.base.distill.guidance: got \[4.0, 1.0\]"),
+        ("trainings.base.distill.rounds=[0]", r"trainings.base.distill.rounds\[0\]: got 0"),
+    ],
+)
+def test_bad_distillation_rounds_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline([DEMO], [override])
