@@ -7,6 +7,7 @@ checkpoints built from the cascade's own `model` blocks; prints a table and writ
     python bench/render.py --cascade configs/cascade/imagen_video.yaml --steps 4 --prompts 2   # H200
     python bench/render.py --prompts 12 --workers 1 2 3 4 --memory 24 240   # replica pools on Ray (CPU)
     python bench/render.py --split configs/cascade/imagen_video.yaml --split-gpus 8 64 512   # plan only
+    python bench/render.py --compare runs/demo/pipeline/cascade-teacher.yaml runs/demo/pipeline/cascade.yaml
 
 Checkpoints: for every stage, a freshly initialised DiT of the stage's `model` block (kind and
 super-resolution factor from the stage) and a byte text encoder, written into a temporary directory as
@@ -34,6 +35,9 @@ P prompts each on the first of --workers (at one sampler step per stage) and rec
 resident memory above its level at the start, sampled every 20 ms: with the outputs written by the
 replicas it should not grow with P. `--split FILE --split-gpus N ...` prints the replica split the
 planner gives FILE on N GPUs at `--tflops` achieved per GPU (no checkpoints, nothing rendered).
+`--compare TEACHER STUDENT` renders --prompts synthetic captions through two cascade files with
+their own trained checkpoints (a cascade and its distilled version): evaluations, seconds and prompt
+checks per stage and video of each (`bench/render_compare.py`).
 This is a benchmark, never a test: numbers go to docs/PERFORMANCE.md with the machine and the command.
 """
 
@@ -49,6 +53,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import torch
+from render_compare import compare
 from report import PeakRSS, print_table, record_header, write_record
 
 from configs import CascadeConfig, DataConfig, RenderConfig, RunConfig, TextConfig, dump_config, load_cascade
@@ -214,8 +219,28 @@ def main() -> None:
     parser.add_argument("--split", type=Path, help="cascade file to split over --split-gpus (plan only)")
     parser.add_argument("--split-gpus", type=int, nargs="*", default=[8, 64, 512])
     parser.add_argument("--tflops", type=float, default=200.0, help="achieved TFLOP/s per GPU for --split")
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("TEACHER", "STUDENT"), help="two trained cascade files"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/render.json"))
     args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    settings = {
+        "batch_size": args.batch,
+        "save_intermediate": False,
+        "contact_sheet": False,
+        "precision": args.precision,
+    }
+    if args.compare:
+        scratch = Path(tempfile.mkdtemp(prefix="tessera-bench-compare-"))
+        try:
+            result = compare(*map(Path, args.compare), args.prompts, settings, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        print_table(result["rows"])
+        print("teacher ÷ student per video:", result["teacher_over_student"])
+        write_record(args.out, {**record_header("render-compare", device, args), **result})
+        return
     if args.split:
         record = {**record_header("render-split", torch.device("cpu"), args), "splits": []}
         record["splits"] = split_record(args.split, args.split_gpus, args.tflops)
@@ -229,12 +254,6 @@ def main() -> None:
             load_cascade(args.cascade, args.override), scratch / "ckpt", args.text_width
         )
         prompts = [f"{i}: {CAPTIONS[i % len(CAPTIONS)]}" for i in range(args.prompts)]
-        settings = {
-            "batch_size": args.batch,
-            "save_intermediate": False,
-            "contact_sheet": False,
-            "precision": args.precision,
-        }
         if not args.no_warmup:
             render(
                 cascade_with(args, checkpoints, 1),
@@ -270,7 +289,7 @@ def main() -> None:
         print_table(memory)
 
     record = {
-        **record_header("render", torch.device("cuda" if torch.cuda.is_available() else "cpu"), args),
+        **record_header("render", device, args),
         "cascade": cascade.name,
         "render_seconds": round(summary.seconds, 3),
         "rows": rows,

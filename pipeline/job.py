@@ -17,7 +17,9 @@ Run directory (`out_dir`):
 - `renders/`: one folder per prompt (docs/RENDERING.md); `renders-teacher/`: the same prompts through
   the teachers of distilled stages;
 - `index.html`, `contact_sheet.png`: the report;
-- `pipeline/`: `config.yaml` (the resolved pipeline config), `graph.json`, `stages/*.json`;
+- `pipeline/`: `config.yaml` (the resolved pipeline config), `cascade.yaml` (the cascade as rendered,
+  checkpoints included: `render --cascade` takes it for new prompts) and, with distilled stages,
+  `cascade-teacher.yaml` (the undistilled one), `graph.json`, `stages/*.json`;
 - `.tessera-lock`: held while a run writes the directory (`stages/folder_lock.py`).
 
 Every stage's config is loaded and cross-checked when the graph is built, so a typo in the render
@@ -324,10 +326,15 @@ class PipelineJob:
         return {key: float(total[key]) for key in ("CPU", "GPU") if key in total}
 
     def write_config(self) -> None:
-        """The resolved pipeline config, for the report and for reproducing the run."""
+        """The resolved pipeline config and cascades, for the report, for reproducing the run and for
+        rendering more prompts with its models."""
         path = self.out / "pipeline" / "config.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         dump_config(self.cfg, path)
+        if self.cascade is not None:
+            dump_config(self.cascade, path.parent / "cascade.yaml")
+            if self.students:
+                dump_config(self._teacher_render()[0], path.parent / "cascade-teacher.yaml")
 
     # ------------------------------------------------------------------------------------------- work
 
@@ -426,12 +433,16 @@ class PipelineJob:
             render_dir=self.out / RENDERS,
             teacher_dir=self.out / TEACHER_RENDERS if self.students and self.cascade is not None else None,
         )
-        scores = "; ".join(
-            f"{stage}: colour {c['color']}/{c['judged']}, shape {c['shape']}/{c['judged']}, "
-            f"direction {c['direction']}/{c['moving']}"
-            for stage, c in summary.adherence.items()
-        )
-        return f"{summary.path}" + (f" (prompt checks {scores})" if scores else "")
+        text = f"{summary.path}"
+        checks = (("prompt checks", summary.adherence), ("teachers", summary.teacher_adherence))
+        for label, adherence in checks:
+            scores = "; ".join(
+                f"{stage}: colour {c['color']}/{c['judged']}, shape {c['shape']}/{c['judged']}, "
+                f"direction {c['direction']}/{c['moving']}"
+                for stage, c in adherence.items()
+            )
+            text += f" ({label} {scores})" if scores else ""
+        return text
 
 
 def _distill_rounds(rounds: list[int], guidance: list[float]) -> list[tuple[str, list[str]]]:

@@ -84,6 +84,7 @@ def _absolute(cfg: RunConfig) -> RunConfig:
         train=dataclasses.replace(cfg.train, out_dir=resolve(cfg.train.out_dir)),
         data=dataclasses.replace(cfg.data, shards=resolve(cfg.data.shards)),
         text=dataclasses.replace(cfg.text, t5_path=resolve(cfg.text.t5_path)),
+        distill=dataclasses.replace(cfg.distill, teacher=resolve(cfg.distill.teacher)),
     )
 
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from configs import RunConfig
+from configs import ConfigError, RunConfig, load_config
 from models.flops import forward_flops, parameter_count, token_grid
+from stages.artifacts import resolve_committed
 from stages.tables import key_value_table
 
 ACTIVATION_BYTES = {"fp32": 172, "bf16": 126, "fp16": 126}
@@ -43,6 +44,27 @@ def activation_gib(cfg: RunConfig, tokens: int) -> float:
         inputs = cfg.model.depth * tokens * cfg.model.width * (4 if cfg.parallel.precision == "fp32" else 2)
         return (inputs + per_block) / 2**30
     return cfg.model.depth * per_block / 2**30
+
+
+def teacher_forwards(cfg: RunConfig) -> int:
+    """Teacher forward passes per sample of a distillation step: two DDIM evaluations in a progressive
+    round, one in a guidance round, each two passes (conditional and unconditional) where a guidance-
+    input student learns from a teacher without that input, else one. Whether the teacher takes the
+    weight is read from its checkpoint; before it exists, a progressive round's teacher is assumed to
+    take it when the student does (a pipeline's guided chain)."""
+    d = cfg.distill
+    if not d.teacher:
+        return 0
+    evaluations = 2 if d.steps else 1
+    if not cfg.model.guidance_range:
+        return evaluations
+    teacher_guided = bool(d.steps)
+    try:
+        step = resolve_committed(d.teacher, "distill.teacher")
+        teacher_guided = bool(load_config([step / "config.yaml"]).model.guidance_range)
+    except (FileNotFoundError, ConfigError):
+        pass
+    return evaluations * (1 if teacher_guided else 2)
 
 
 def training_plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
@@ -82,7 +104,8 @@ def training_plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "parameters": params,
         "tokens_per_sample": math.prod(grid),
         "tokens_per_rank": tokens_per_rank,
-        "flops_per_step": 3 * fwd * global_batch,
+        "teacher_forwards": teacher_forwards(cfg),
+        "flops_per_step": (3 + teacher_forwards(cfg)) * fwd * global_batch,
         "model_state_gib_per_device": params * (weights + grads + optim + ema) / 2**30,
         "activation_gib_per_device": activation_gib(cfg, tokens_per_rank * data.batch_size),
     }
@@ -108,7 +131,7 @@ def format_training_plan(info: dict[str, Any]) -> str:
             "tokens per rank",
             f"{info['tokens_per_rank']} per sample (1/{info['sequence_parallel']} of its frames)",
         ),
-        ("FLOPs per step", f"{info['flops_per_step']:.3e} (forward + backward, 3 × forward)"),
+        ("FLOPs per step", f"{info['flops_per_step']:.3e} ({_flops_terms(info['teacher_forwards'])})"),
         (
             "memory per device",
             f"{_size(info['model_state_gib_per_device'])} of model states (weights, grads, optimizer, "
@@ -116,6 +139,11 @@ def format_training_plan(info: dict[str, Any]) -> str:
         ),
     ]
     return key_value_table(rows)
+
+
+def _flops_terms(teacher: int) -> str:
+    own = "forward + backward, 3 × forward"
+    return f"{own}, + {teacher} teacher forward(s)" if teacher else own
 
 
 def _size(gib: float) -> str:

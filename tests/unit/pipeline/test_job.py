@@ -112,6 +112,8 @@ def test_ray_train_makes_paths_absolute_and_leaves_shard_urls_alone(tmp_path, mo
         cfg = _absolute(load_config(overrides=[f"data.shards={url}", "train.out_dir=runs/x"]))
         assert cfg.data.shards == url and cfg.train.out_dir == str(tmp_path / "runs" / "x")
     assert _absolute(load_config(overrides=["data.shards=shards"])).data.shards == str(tmp_path / "shards")
+    student = _absolute(load_config(overrides=["distill.teacher=runs/base", "distill.steps=4"]))
+    assert student.distill.teacher == str(tmp_path / "runs" / "base")
 
 
 def test_distillation_rounds_follow_their_training_and_the_teachers_render_beside_the_students():

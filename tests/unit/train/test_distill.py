@@ -126,3 +126,22 @@ def test_passes_and_sampling_of_a_cascade_stage(teacher):
     student = stage_sampling(guided, _student(teacher, "distill.steps=8"))
     assert (student["sampler"], student["steps"], student["guidance_scale"]) == ("ddim", 8, 3.0)
     assert stage_sampling(guided, takes_weight)["steps"] == 64  # a guidance round keeps the stage's steps
+
+
+def test_the_training_plan_counts_the_teachers_forward_passes(teacher):
+    from stages.train.plan import teacher_forwards, training_plan
+
+    plain = load_config([step_dir(teacher, 10) / "config.yaml"])
+    progressive = _student(teacher, "distill.steps=8")
+    guidance_round = _student(teacher, "distill.steps=0", "model.guidance_range=[1,4]")
+    both_at_once = _student(
+        teacher, "distill.steps=8", "model.guidance_range=[1,4]"
+    )  # teacher takes no weight
+    chained = _student(
+        teacher, "distill.steps=8", "model.guidance_range=[1,4]", "distill.teacher=runs/not-yet"
+    )
+    counts = [teacher_forwards(c) for c in (plain, progressive, guidance_round, both_at_once, chained)]
+    assert counts == [0, 2, 2, 4, 2]
+    assert (
+        training_plan(both_at_once, 1)["flops_per_step"] == 7 / 3 * training_plan(plain, 1)["flops_per_step"]
+    )
