@@ -1,5 +1,6 @@
-"""The whole graph at the smallest size on an in-process Ray: synth → preprocess → three trainings →
-render → report. Every stage's outputs are checked for validity, and a second run skips every stage."""
+"""The whole graph at the smallest size on an in-process Ray: synth → preprocess → three trainings, the
+base's two distillation rounds (guidance, then 2 → 1 steps) → render, render-teacher → report. Every
+stage's outputs are checked for validity, and a second run skips every stage."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def _write_configs(root: Path) -> Path:
         cfg = _training(kind)
         cfg["data"]["reduce"] = kind != "ssr"  # base and tsr shrink the 8×16×16 clips
         trainings[kind] = {"config": [dump(f"{kind}.yaml", cfg)]}
+    # guidance folded in (the stage renders at weight 2), then the stage's 2 steps distilled to 1
+    trainings["base"]["distill"] = {"rounds": [1], "guidance": [1, 3], "config": ["train.steps=2"]}
     stages = [
         {
             "name": kind,
@@ -89,7 +92,18 @@ def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["run", str(config), "--quiet"]) == 0
 
-    stages = ["synth", "preprocess", "train-base", "train-tsr", "train-ssr", "render", "report"]
+    rounds = ["train-base-guidance", "train-base-distill-1"]
+    stages = [
+        "synth",
+        "preprocess",
+        "train-base",
+        *rounds,
+        "train-tsr",
+        "train-ssr",
+        "render",
+        "render-teacher",
+    ]
+    stages.append("report")
     first = _records(run)
     assert list(first) == stages
     assert all(r["status"] == "done" for r in first.values()), {k: r.get("error") for k, r in first.items()}
@@ -125,10 +139,23 @@ def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
                 decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
             assert len(decoded) == frames and decoded[0].shape == (height, width, 3), path
     assert json.loads((run / "renders" / "render.json").read_text())["precision"] == "bf16"
+
+    # the distilled base: trained on Ray Train as its teacher was, rendered in one pass of one step at
+    # the stage's weight; its teacher (two passes of two steps) rendered the same prompts beside it
+    student = load_config([resolve_committed(run / "base-distill-1") / "config.yaml"])
+    assert (student.distill.teacher, student.distill.steps) == (str(run / "base-guidance"), 1)
+    assert student.model.guidance_range == [1.0, 3.0] and student.train.steps == 2
+    for job in prompt_dirs:
+        base = json.loads((job / "video.json").read_text())["stages"][0]
+        assert (base["steps"], base["distilled"]["guidance_range"]) == (1, [1.0, 3.0])
+        assert base["checkpoint"] == str(resolve_committed(run / "base-distill-1").resolve())
+        teacher = json.loads((run / "renders-teacher" / job.name / "video.json").read_text())["stages"][0]
+        assert teacher["steps"] == 2 and "distilled" not in teacher
     assert (run / "contact_sheet.png").is_file()
     page = (run / "index.html").read_text()
     assert all(prompt in page for prompt in PROMPTS)
     assert all(f"train-{kind}" in first and kind in page for kind in GEOMETRY)
+    assert '<section id="distilled">' in page
 
     # a second run skips everything and changes no record
     capsys.readouterr()
