@@ -170,8 +170,9 @@ def test_pipeline_runs_every_stage_then_skips_them_all(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [(r["stage"], r["state"]) for r in rows] == [(name, "done") for name in stages]
 
-    # forcing the render reruns it and the report, nothing upstream
+    # forcing the render reruns it (a name selects the stages it prefixes: render-teacher too) and the
+    # report, nothing upstream
     assert main(["run", str(config), "--quiet", "--force", "render"]) == 0
     again = _records(run)
     rerun = [name for name in stages if again[name]["run_id"] != first[name]["run_id"]]
-    assert rerun == ["render", "report"]
+    assert rerun == ["render", "render-teacher", "report"]
