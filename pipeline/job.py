@@ -1,6 +1,6 @@
 """The end-to-end job of `pipeline run`: a `PipelineConfig` turned into the stage graph.
 
-    synth ──▶ preprocess ──┬──▶ train-base ──▶ train-base-distill-8 ──┐
+    synth ──▶ preprocess ──┬──▶ train-base ──▶ train-base-distill-10 ─┐
     (or ingest `inputs`)   ├──▶ train-tsr  ───────────────────────────┼──▶ render ─────────┬──▶ report
                            └──▶ train-ssr  ───────────────────────────┘   render-teacher ─┘
 

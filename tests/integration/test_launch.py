@@ -20,9 +20,10 @@ def test_launch_sh_help_and_demo_plan(tmp_path):
         text=True,
     )
     assert demo.returncode == 0, demo.stderr
-    stages = ("synth", "preprocess", "train-base", "train-tsr", "train-ssr", "render", "report")
+    stages = ("synth", "preprocess", "train-base", "train-base-distill-10", "train-tsr", "train-ssr")
+    stages += ("render", "render-teacher", "report")
     lines = demo.stdout.splitlines()
-    table = lines[lines.index(next(line for line in lines if line.startswith("stage"))) + 1 :][:7]
+    table = lines[lines.index(next(line for line in lines if line.startswith("stage"))) + 1 :][: len(stages)]
     assert [line.split()[:2] for line in table] == [[s, "run"] for s in stages]
     bad = subprocess.run([ROOT / "launch.sh", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'frobnicate'" in bad.stderr
