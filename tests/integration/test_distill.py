@@ -120,7 +120,7 @@ def test_a_four_step_student_samples_closer_to_the_teacher_than_its_own_four_ste
     reference = _samples(teacher, 64)
     own = _mse(_samples(teacher, 4), reference)
     student = _mse(_samples(students[4], 4), reference)
-    assert student < 0.5 * own, (student, own)  # measured: 0.0014 against 0.0060
+    assert student < 0.5 * own, (student, own)  # measured: 0.0015 against 0.0064
     # each round named the one before as its teacher and learned half its steps
     previous = resolve_committed(teacher)
     for steps in ROUNDS:
@@ -157,7 +157,8 @@ def test_a_guidance_distilled_student_matches_the_guided_teacher(shards, teacher
                 student = s_model(x_t, t, text=se.tokens, text_mask=se.mask, fps=batch.fps, guidance=w)
             student_err += _mse(student, guided)
             unguided_err += _mse(unguided, guided)
-        assert student_err < 0.75 * unguided_err, (weight, student_err, unguided_err)  # measured: 0.56, 0.21
+        # measured ratios: 0.55 at w = 2, 0.25 at w = 4
+        assert student_err < 0.75 * unguided_err, (weight, student_err, unguided_err)
 
 
 def test_a_distillation_round_resumes_exactly_after_kill_9(shards, teacher, tmp_path):
