@@ -45,6 +45,7 @@ RenderDevice = Literal["auto", "cuda", "cpu"]
 ResizeMode = Literal["crop", "bucket"]
 """How preprocessing fits a clip to the training geometry."""
 DecoderName = Literal["auto", "decord", "pyav"]
+ShardCompression = Literal["none", "zstd"]
 """Video decoders of preprocessing (auto: decord, PyAV fallback)."""
 
 
@@ -208,6 +209,10 @@ class PreprocessConfig:
     """Decoder threads per worker (decord / PyAV); keep workers × threads at about the CPU count."""
     text_embeddings: bool = False
     """Store each caption's frozen T5 embedding (text.encoder=t5) in its sample, so training skips T5."""
+    compression: ShardCompression = "zstd"
+    """Patch arrays in the shards: zstd (lossless .npy.zst, read transparently) or none (raw .npy)."""
+    compression_level: int = 3
+    """zstd level, 1 (fastest) to 19 (smallest), for compression=zstd."""
 
 
 @dataclass

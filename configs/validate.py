@@ -228,6 +228,8 @@ def _validate_preprocess(p: PreprocessConfig, m: ModelConfig) -> None:
         "decode_threads",
     ):
         check_positive(f"preprocess.{name}", getattr(p, name))
+    if not 1 <= p.compression_level <= 19 or isinstance(p.compression_level, bool):
+        raise ValueError(f"preprocess.compression_level: got {p.compression_level}, expected 1 to 19 (zstd)")
     if not p.split or not p.split.replace("_", "").isalnum():
         raise ValueError(f"preprocess.split: got '{p.split}', expected letters, digits or _")
     if p.resize == "bucket" and not p.buckets:

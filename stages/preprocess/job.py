@@ -67,6 +67,7 @@ def sample_fingerprint(cfg: RunConfig) -> str:
             "min_source_side": p.min_source_side,
             "files_per_shard": p.files_per_shard,
             "decoder": p.decoder,
+            "compression": [p.compression, p.compression_level] if p.compression != "none" else "none",
             "text_embeddings": (
                 [Path(cfg.text.t5_path).name, cfg.text.max_length] if p.text_embeddings else None
             ),
@@ -190,6 +191,8 @@ def process_shard(
                     meta,
                     text_embedding=embeddings.get(item.caption),
                     text_encoder=embedder.name if embedder else "",
+                    compression=cfg.preprocess.compression,
+                    level=cfg.preprocess.compression_level,
                 )
                 encoded.append((key, members, clip))
         except ValueError as err:  # a clip the shard format refuses

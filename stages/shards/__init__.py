@@ -1,6 +1,6 @@
-"""The shard format (schema version 1) that preprocessing writes and training reads: samples as
-losslessly patchified uint8 arrays with JSON metadata in POSIX tars (`stages.shards.format`,
-docs/SHARDS.md).
+"""The shard format (schema version 2; version 1 read too) that preprocessing writes and training reads:
+samples as losslessly patchified uint8 arrays, raw or zstd-compressed, with JSON metadata in POSIX tars
+(`stages.shards.format`, docs/SHARDS.md).
 
 The training loader that streams them, `stages.shards.loader`, is imported by its own name: it needs
 torch, which this package (imported by decode child processes through preprocessing) must not load.

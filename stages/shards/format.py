@@ -1,10 +1,15 @@
-"""Shard format (schema version 1): samples as losslessly patchified uint8 arrays in POSIX tar files.
+"""Shard format (schema version 2): samples as losslessly patchified uint8 arrays in POSIX tar files.
 
 A sample is identified by a key of [a-z0-9_] and stored as tar members that share that key:
 
 - `{key}.json`        UTF-8 JSON metadata (see `encode_sample`, docs/SHARDS.md);
 - `{key}.patches.npy` uint8 patches (T'·H'·W', pt·ph·pw·C), the output of `models.layers.patchify`;
+  or `{key}.patches.npy.zst`, the same `.npy` bytes compressed with zstd (JSON `"compression": "zstd"`);
 - `{key}.text.npy`    optional float16 (L, D) precomputed text embedding.
+
+Version 2 added the zstd member and the JSON's `compression` field; version 1 samples (always
+uncompressed, no `compression` field) are still read. `webdataset_decoder` decodes either member for
+stock `webdataset`.
 
 Writing is deterministic (same samples → same bytes and sha256) and atomic (temporary name, fsync,
 rename), so a rerun can trust any shard it finds. Reading never executes code: `.npy` members are
@@ -32,13 +37,16 @@ from stages.atomic import atomic_path
 if TYPE_CHECKING:
     import torch
 
-SCHEMA_VERSION = 1
-"""Version written into every sample's JSON; readers refuse any other."""
+SCHEMA_VERSION = 2
+"""Version written into every sample's JSON."""
+READ_VERSIONS = (1, 2)
+"""Versions readers accept (1: before compression; its samples are read as uncompressed)."""
+COMPRESSIONS = ("none", "zstd")
 
 CHANNELS = 3
 KINDS = ("video", "image")
-JSON, PATCHES, TEXT = "json", "patches.npy", "text.npy"
-MEMBER_SUFFIXES = (JSON, PATCHES, TEXT)
+JSON, PATCHES, PATCHES_ZSTD, TEXT = "json", "patches.npy", "patches.npy.zst", "text.npy"
+MEMBER_SUFFIXES = (JSON, PATCHES, PATCHES_ZSTD, TEXT)
 KEY_RE = re.compile(r"[a-z0-9_]{1,80}")
 _MEMBER_RE = re.compile(r"([a-z0-9_]{1,80})\.([a-z0-9_.]+)")
 _NPY_MAGIC = b"\x93NUMPY"
@@ -95,6 +103,8 @@ def encode_sample(
     *,
     text_embedding: np.ndarray | None = None,
     text_encoder: str = "",
+    compression: str = "none",
+    level: int = 3,
 ) -> dict[str, bytes]:
     """Encode uint8 frames (T, H, W, 3) as tar members {suffix: bytes} of one sample.
 
@@ -102,6 +112,7 @@ def encode_sample(
     caption, decoder) plus any extra JSON-serializable fields (kept, ignored by readers); grid, patch
     size and pixel sizes are derived here. An optional float16
     (L, D) `text_embedding` becomes a third member, described in the JSON with `text_encoder`.
+    `compression="zstd"` stores the patches as `patches.npy.zst` at zstd `level` (lossless).
     """
     check_key(key)
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4:
@@ -116,6 +127,8 @@ def encode_sample(
             f"{(pt, ph, pw)}"
         )
     _check_meta(meta, key)
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"sample {key}: compression {compression!r}, expected one of {COMPRESSIONS}")
     if meta["kind"] == "image" and t != 1:
         raise ValueError(f"sample {key}: kind 'image' needs exactly 1 frame, got T = {t}")
 
@@ -134,9 +147,12 @@ def encode_sample(
         "frames": t,
         "height": h,
         "width": w,
+        "compression": compression,
         **meta,
     }
     members = {PATCHES: _npy_bytes(tokens)}
+    if compression == "zstd":
+        members = {PATCHES_ZSTD: _zstd().ZstdCompressor(level=level).compress(members[PATCHES])}
     if text_embedding is not None:
         emb = np.asarray(text_embedding)
         if emb.ndim != 2 or emb.dtype != np.float16 or 0 in emb.shape:
@@ -168,10 +184,13 @@ def decode_meta(members: dict[str, Any]) -> dict[str, Any]:
     if not named and isinstance(meta.get("key"), str):
         key = meta["key"]  # a bare member dict: name errors after the key the JSON claims
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION or isinstance(version, bool):
+    if version not in READ_VERSIONS or isinstance(version, bool):
         raise ValueError(
-            f"sample {key}: unknown schema_version {version!r} (this reader understands {SCHEMA_VERSION})"
+            f"sample {key}: unknown schema_version {version!r} (this reader understands {READ_VERSIONS})"
         )
+    meta.setdefault("compression", "none")  # version 1
+    if meta["compression"] not in COMPRESSIONS or (version == 1 and meta["compression"] != "none"):
+        raise ValueError(f"sample {key}: compression {meta['compression']!r} in {key}.{JSON} is unknown")
     unknown = sorted(set(_member_names(members)) - set(MEMBER_SUFFIXES))
     if unknown:
         raise ValueError(
@@ -206,12 +225,19 @@ def decode_sample(members: dict[str, Any]) -> Sample:
 
     meta = decode_meta(members)
     key = meta["key"]
-    if PATCHES not in members:
-        raise ValueError(f"sample {key}: missing member {key}.{PATCHES} (members: {_member_names(members)})")
+    suffix = PATCHES_ZSTD if meta["compression"] == "zstd" else PATCHES
+    other = PATCHES if suffix == PATCHES_ZSTD else PATCHES_ZSTD
+    if suffix not in members or other in members:
+        raise ValueError(
+            f"sample {key}: compression {meta['compression']!r} needs member {key}.{suffix} alone "
+            f"(members: {_member_names(members)})"
+        )
     grid, patch = tuple(meta["grid"]), tuple(meta["patch_size"])
-    tokens = load_npy(
-        members[PATCHES], f"{key}.{PATCHES}", np.uint8, (math.prod(grid), math.prod(patch) * CHANNELS)
-    )
+    shape = (math.prod(grid), math.prod(patch) * CHANNELS)
+    data = members[suffix]
+    if suffix == PATCHES_ZSTD:
+        data = _unzstd(data, f"{key}.{suffix}", math.prod(shape) + 4096)  # the array plus its header
+    tokens = load_npy(data, f"{key}.{suffix}", np.uint8, shape)
     frames = unpatchify(torch.from_numpy(tokens)[None], grid, patch)[0]  # (C, T, H, W)
 
     text = None
@@ -226,6 +252,19 @@ def decode_sample(members: dict[str, Any]) -> Sample:
     elif TEXT in members:
         raise ValueError(f"sample {key}: member {key}.{TEXT} present but the JSON has no text_embedding")
     return Sample(key=key, frames=frames, meta=meta, text=text)
+
+
+def webdataset_decoder(key: str, data: bytes) -> Any:
+    """A stock `webdataset` decode handler for Tessera members, `.decode(webdataset_decoder)`: the
+    patches as a uint8 (T'·H'·W', pt·ph·pw·C) array, zstd-compressed or not, the text embedding as
+    float16 and the JSON as a dict (arrays are loaded without pickle); None for any other member."""
+    suffix = key.rsplit(".", 2)[-2:] if key.endswith(".zst") else key.rsplit(".", 1)[-1:]
+    ext = ".".join(suffix).lower()
+    if ext == "npy.zst":
+        data = _unzstd(data, key, None)
+    elif ext != "npy":
+        return json.loads(bytes(data).decode("utf-8")) if ext == "json" else None
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def load_npy(data: bytes, name: str, dtype: np.dtype | type, shape: tuple[int, ...]) -> np.ndarray:
@@ -363,6 +402,24 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _zstd() -> Any:
+    import zstandard  # imported when used: uncompressed shards need no zstd
+
+    return zstandard
+
+
+def _unzstd(data: bytes, name: str, max_bytes: int | None) -> bytes:
+    """zstd-decompressed bytes, at most `max_bytes` (a corrupt or hostile frame cannot blow up memory)."""
+    zstd, data = _zstd(), bytes(data)
+    try:
+        size = zstd.frame_content_size(data)  # -1 when the frame does not declare it
+        if max_bytes is not None and size > max_bytes:
+            raise zstd.ZstdError(f"it declares {size} bytes, more than the {max_bytes} expected")
+        return zstd.ZstdDecompressor().decompress(data, max_output_size=max_bytes or 0)
+    except zstd.ZstdError as exc:
+        raise ValueError(f"{name}: not a valid zstd frame: {exc}") from None
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -377,7 +434,7 @@ def _check_patch(patch: tuple[int, int, int], key: str) -> tuple[int, int, int]:
 
 def _check_meta(meta: dict[str, Any], key: str) -> None:
     missing = sorted(set(META_FIELDS) - set(meta))
-    reserved = sorted(set(meta) & (set(_DERIVED_FIELDS) | {"text_embedding"}))
+    reserved = sorted(set(meta) & (set(_DERIVED_FIELDS) | {"text_embedding", "compression"}))
     if missing or reserved:
         raise ValueError(
             f"sample {key}: meta must hold {sorted(META_FIELDS)} (missing {missing}) and none of the "

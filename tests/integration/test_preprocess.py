@@ -197,6 +197,26 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
         )
 
 
+def test_zstd_shards_hold_the_same_samples_in_fewer_bytes(tmp_path):
+    _synth_inputs(tmp_path / "in", count=8)
+    args = [*SMALL, "preprocess.files_per_shard=4", "preprocess.workers=1"]
+    runs, members = {}, {}
+    for c in ("none", "zstd"):
+        cfg = load_config(overrides=[*args, f"preprocess.out={tmp_path / c}", f"preprocess.compression={c}"])
+        runs[c] = run_preprocess(cfg, [str(tmp_path / "in")], progress=False)
+        _check_accounting(tmp_path / c, runs[c])
+        members[c] = [m for s in runs[c]["shards"] for m in read_shard(tmp_path / c / "shards" / s["name"])]
+    assert runs["none"]["fingerprint"] != runs["zstd"]["fingerprint"]  # a rerun in another format starts over
+    raw, packed = ([decode_sample(m) for m in members[c]] for c in ("none", "zstd"))
+    assert [s.key for s in raw] == [s.key for s in packed] and raw
+    for a, b in zip(raw, packed):
+        assert torch.equal(a.frames, b.frames) and b.meta["compression"] == "zstd"
+        assert {**a.meta, "compression": "zstd"} == b.meta
+    size = {"none": sum(len(m["patches.npy"]) for m in members["none"])}
+    size["zstd"] = sum(len(m["patches.npy.zst"]) for m in members["zstd"])
+    assert size["zstd"] < size["none"] / 2, size  # flat synthetic shapes compress well (tar headers aside)
+
+
 def test_a_full_disk_stops_the_job_in_one_line_and_a_rerun_with_room_finishes_it(
     tmp_path, small_disk, capsys
 ):

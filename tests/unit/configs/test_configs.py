@@ -125,6 +125,12 @@ def test_every_field_documented_and_reference_in_sync():
     )
 
 
+@pytest.mark.parametrize("level", [0, 20])
+def test_the_zstd_level_is_checked(level):
+    with pytest.raises(ConfigError, match=rf"preprocess.compression_level: got {level}, expected 1 to 19"):
+        load_config(overrides=["preprocess.compression=zstd", f"preprocess.compression_level={level}"])
+
+
 def test_text_embeddings_need_the_frozen_t5_encoder():
     with pytest.raises(ValueError, match=r"preprocess.text_embeddings: needs a frozen text encoder.*byte"):
         load_config(overrides=["preprocess.text_embeddings=true"])
@@ -156,6 +162,7 @@ def test_choice_fields_are_literals_listed_once_and_read_back_as_plain_strings(t
         "render.device",
         "preprocess.resize",
         "preprocess.decoder",
+        "preprocess.compression",
     }
     assert set(choice_fields(CascadeStageConfig)) == {"kind", "sampler", "guidance_schedule"}
     assert choice_fields(CascadeStageConfig)["kind"] == choice_fields(ModelConfig)["kind"]

@@ -15,9 +15,10 @@ def _kind_and_shape(j: int) -> tuple[str, tuple[int, int, int]]:
     return ("image", (1, 8, 8)) if j % 3 == 2 else ("video", VIDEO_SHAPES[j % 2])
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """8 shards × 6 samples: videos of two shapes and 8×8 images; returns (dir, {key: (T, H, W, 3)})."""
+@pytest.fixture(scope="module", params=["none", "zstd"])
+def dataset(tmp_path_factory, request):
+    """8 shards × 6 samples: videos of two shapes and 8×8 images, raw or zstd-compressed (every loader
+    test runs on both); returns (dir, {key: (T, H, W, 3)})."""
     root = tmp_path_factory.mktemp("data")
     (root / "shards").mkdir()
     rng = np.random.default_rng(0)
@@ -38,6 +39,6 @@ def dataset(tmp_path_factory):
                 "decoder": "pyav",
             }
             patch = (2, 4, 4) if kind == "video" else (1, 2, 2)
-            samples.append((key, encode_sample(key, frames[key], patch, meta)))
+            samples.append((key, encode_sample(key, frames[key], patch, meta, compression=request.param)))
         write_shard(root / "shards" / f"train-{i:06d}.tar", samples)
     return root, frames

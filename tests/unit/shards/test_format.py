@@ -48,7 +48,8 @@ def test_round_trip_is_exact(patch):
     assert sample.frames.dtype == torch.uint8 and sample.frames.shape == (3, 4, 8, 16)  # (C, T, H, W)
     assert torch.equal(sample.frames, torch.from_numpy(frames).permute(3, 0, 1, 2))
     meta = sample.meta
-    assert meta["schema_version"] == 1 and meta["patch_size"] == list(patch)
+    assert meta["schema_version"] == 2 and meta["patch_size"] == list(patch)
+    assert meta["compression"] == "none"
     assert meta["grid"] == [4 // patch[0], 8 // patch[1], 16 // patch[2]]
     assert (meta["frames"], meta["height"], meta["width"], meta["channels"]) == (4, 8, 16, 3)
     assert meta["caption"] == _meta()["caption"] and meta["source_size"] == [720, 1280]
@@ -92,10 +93,10 @@ def test_reading_refuses_pickles_unknown_versions_and_missing_members():
         decode_sample({**members, "patches.npy": wrong.getvalue()})
 
     meta = json.loads(members["json"])
-    meta["schema_version"] = 2
-    with pytest.raises(ValueError, match=r"k1.*schema_version 2"):
+    meta["schema_version"] = 3
+    with pytest.raises(ValueError, match=r"k1.*schema_version 3"):
         decode_sample({**members, "json": json.dumps(meta).encode()})
-    with pytest.raises(ValueError, match=r"k1.*missing member k1\.patches\.npy"):
+    with pytest.raises(ValueError, match=r"k1.*needs member k1\.patches\.npy alone"):
         decode_sample({"__key__": "k1", "json": members["json"]})
     with pytest.raises(ValueError, match=r"k1.*unknown members \['evil.pyd'\]"):
         decode_sample({**members, "evil.pyd": b"\x80\x04K\x01."})
@@ -183,5 +184,77 @@ def test_read_shard_skips_nothing_silently(tmp_path, names, message):
 
 
 def test_schema_constants():
-    assert shards.SCHEMA_VERSION == 1
+    assert shards.SCHEMA_VERSION == 2 and shards.READ_VERSIONS == (1, 2)
     assert set(shards.META_FIELDS) == {"kind", "fps", "source", "start_s", "end_s", "caption", "decoder"}
+
+
+@pytest.mark.parametrize("level", [1, 3, 19])
+def test_zstd_samples_decode_to_the_same_frames_as_raw_ones(level):
+    # a smooth clip (what video is), so compression has something to find
+    ramp = np.arange(16, dtype=np.uint8)
+    frames = np.broadcast_to(ramp[None, None, :, None] * 8 + ramp[None, :, None, None], (4, 16, 16, 3)).copy()
+    raw = encode_sample("k1", frames, (1, 4, 4), _meta())
+    packed = encode_sample("k1", frames, (1, 4, 4), _meta(), compression="zstd", level=level)
+    assert sorted(packed) == ["json", "patches.npy.zst"]
+    assert len(packed["patches.npy.zst"]) < len(raw["patches.npy"]) / 4
+    a, b = decode_sample(raw), decode_sample(packed)
+    assert torch.equal(a.frames, b.frames) and torch.equal(
+        b.frames, torch.from_numpy(frames).permute(3, 0, 1, 2)
+    )
+    assert (a.meta["compression"], b.meta["compression"]) == ("none", "zstd")
+    # stock webdataset's decode handler gives the same patch array for either member
+    from_raw = shards.webdataset_decoder("k1.patches.npy", raw["patches.npy"])
+    assert np.array_equal(
+        shards.webdataset_decoder("k1.patches.npy.zst", packed["patches.npy.zst"]), from_raw
+    )
+    assert shards.webdataset_decoder("k1.json", packed["json"])["compression"] == "zstd"
+
+
+def test_version_1_samples_are_still_read():
+    frames = _frames(2, 4, 4)
+    members = encode_sample("k1", frames, (1, 2, 2), _meta())
+    meta = json.loads(members["json"])
+    meta["schema_version"] = 1
+    del meta["compression"]
+    old = {**members, "json": json.dumps(meta).encode()}
+    sample = decode_sample(old)
+    assert torch.equal(sample.frames, torch.from_numpy(frames).permute(3, 0, 1, 2))
+    assert sample.meta["compression"] == "none"
+    meta["compression"] = "zstd"  # version 1 had no compression
+    with pytest.raises(ValueError, match=r"k1: compression 'zstd'"):
+        decode_sample({**members, "json": json.dumps(meta).encode()})
+
+
+def test_bad_compressed_members_name_the_sample():
+    frames = _frames(2, 4, 4)
+    packed = encode_sample("k1", frames, (1, 2, 2), _meta(), compression="zstd")
+    with pytest.raises(ValueError, match=r"k1\.patches\.npy\.zst: not a valid zstd frame"):
+        decode_sample({**packed, "patches.npy.zst": b"not zstd at all"})
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(bytes(10**7))  # declares 10 MB for a 2×4×4 clip
+    with pytest.raises(ValueError, match=r"declares 10000000 bytes"):
+        decode_sample({**packed, "patches.npy.zst": bomb})
+    raw = encode_sample("k1", frames, (1, 2, 2), _meta())
+    with pytest.raises(ValueError, match=r"needs member k1\.patches\.npy\.zst alone"):
+        decode_sample({**packed, "patches.npy": raw["patches.npy"]})
+    with pytest.raises(ValueError, match=r"compression 'lz4', expected one of"):
+        encode_sample("k1", frames, (1, 2, 2), _meta(), compression="lz4")
+
+
+def test_stock_webdataset_reads_compressed_shards_with_the_documented_decoder(tmp_path):
+    import webdataset as wds
+
+    frames = [_frames(2, 4, 4, seed=i) for i in range(3)]
+    samples = [
+        (f"k{i}", encode_sample(f"k{i}", f, (1, 2, 2), _meta(), compression="zstd"))
+        for i, f in enumerate(frames)
+    ]
+    write_shard(tmp_path / "train-000000.tar", samples)
+    url = str(tmp_path / "train-000000.tar")
+    read = list(wds.WebDataset(url, shardshuffle=False).decode(shards.webdataset_decoder))
+    assert [r["__key__"] for r in read] == ["k0", "k1", "k2"]
+    for r, f in zip(read, frames):
+        raw = encode_sample("k", f, (1, 2, 2), _meta())["patches.npy"]  # the same patches, uncompressed
+        assert r["json"]["compression"] == "zstd"
+        assert np.array_equal(r["patches.npy.zst"], np.load(io.BytesIO(raw), allow_pickle=False))
