@@ -258,12 +258,13 @@ def webdataset_decoder(key: str, data: bytes) -> Any:
     """A stock `webdataset` decode handler for Tessera members, `.decode(webdataset_decoder)`: the
     patches as a uint8 (T'·H'·W', pt·ph·pw·C) array, zstd-compressed or not, the text embedding as
     float16 and the JSON as a dict (arrays are loaded without pickle); None for any other member."""
-    suffix = key.rsplit(".", 2)[-2:] if key.endswith(".zst") else key.rsplit(".", 1)[-1:]
-    ext = ".".join(suffix).lower()
-    if ext == "npy.zst":
+    name = key.lower()
+    if name.endswith(".json") or name == JSON:
+        return json.loads(bytes(data).decode("utf-8"))
+    if name.endswith(".npy.zst"):
         data = _unzstd(data, key, None)
-    elif ext != "npy":
-        return json.loads(bytes(data).decode("utf-8")) if ext == "json" else None
+    elif not name.endswith(".npy"):
+        return None
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
