@@ -78,6 +78,7 @@ def training_plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     global_batch = data.batch_size * parallel.grad_accum * dp
     tokens_per_rank = math.prod(grid) // sp
     fwd = forward_flops(cfg.model, data.frames, height, width, cfg.text.max_length).total
+    teacher = teacher_forwards(cfg)  # reads the teacher's config once
     # model states per device (DeepSpeed ZeRO accounting): weights, gradients, fp32 master + Adam m, v
     w_bytes = 2 if parallel.precision in ("bf16", "fp16") else 4
     master = 4 if parallel.precision in ("bf16", "fp16") else 0
@@ -104,8 +105,8 @@ def training_plan(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "parameters": params,
         "tokens_per_sample": math.prod(grid),
         "tokens_per_rank": tokens_per_rank,
-        "teacher_forwards": teacher_forwards(cfg),
-        "flops_per_step": (3 + teacher_forwards(cfg)) * fwd * global_batch,
+        "teacher_forwards": teacher,
+        "flops_per_step": (3 + teacher) * fwd * global_batch,
         "model_state_gib_per_device": params * (weights + grads + optim + ema) / 2**30,
         "activation_gib_per_device": activation_gib(cfg, tokens_per_rank * data.batch_size),
     }

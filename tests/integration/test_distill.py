@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,8 +22,8 @@ from stages.render import format_cascade_plan, plan_cascade, render
 from stages.render.output import load_video_tensor, slugify
 from stages.sampling import generate
 from stages.train import train
-from tests import ROOT, without_rendezvous
-from tests.integration.training_data import GEOMETRY, make_training_shards
+from tests import ROOT
+from tests.integration.training_data import GEOMETRY, kill_training_after_checkpoint, make_training_shards
 
 pytestmark = pytest.mark.integration
 
@@ -169,20 +164,7 @@ def test_a_distillation_round_resumes_exactly_after_kill_9(shards, teacher, tmp_
     train(_cfg(shards, reference, *extra, "train.log_every=1"), progress=False)
 
     out = tmp_path / "run"
-    args = _overrides(shards, out, *extra, "train.log_every=1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "train", "configs/tiny.yaml", *args, "--quiet"],
-        cwd=ROOT,
-        env={**without_rendezvous(), "OMP_NUM_THREADS": str(torch.get_num_threads())},
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while not (artifacts.step_dir(out, 4) / artifacts.MARKER).exists() and time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (artifacts.step_dir(out, 8) / artifacts.MARKER).exists(), "the kill should land mid-run"
+    kill_training_after_checkpoint(_overrides(shards, out, *extra, "train.log_every=1"), out, 4, 8)
 
     result = train(_cfg(shards, out, *extra, "train.log_every=1"), progress=False)
     assert result.step == 8

@@ -4,7 +4,6 @@ kill, a crash during a save, non-finite steps, SIGTERM."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,12 @@ from models.dit import VideoDiT
 from stages import artifacts
 from stages.train import NonFiniteError, checkpoint, train
 from tests import ROOT, without_rendezvous
-from tests.integration.training_data import GEOMETRY, fixed_eval_loss, make_training_shards
+from tests.integration.training_data import (
+    GEOMETRY,
+    fixed_eval_loss,
+    kill_training_after_checkpoint,
+    make_training_shards,
+)
 
 
 @pytest.fixture(scope="module")
@@ -163,18 +167,8 @@ def reference(shards, tmp_path_factory):
 def test_kill_after_a_checkpoint_then_resume_reproduces_the_run(shards, tmp_path, reference):
     ref_out, ref = reference
     out = tmp_path / "run"
-    args = _overrides(shards, out, "train.steps=8", "train.checkpoint_every=4")
-    proc = _launch(
-        [sys.executable, "-m", "pipeline", "train", "configs/tiny.yaml", *args, "--quiet"],
-        threads=torch.get_num_threads(),
-    )
-    deadline = time.monotonic() + 300
-    while not (artifacts.step_dir(out, 4) / artifacts.MARKER).exists() and time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (artifacts.step_dir(out, 8) / artifacts.MARKER).exists(), "the kill should land mid-run"
+    overrides = _overrides(shards, out, "train.steps=8", "train.checkpoint_every=4")
+    kill_training_after_checkpoint(overrides, out, 4, 8)
 
     result = train(_cfg(shards, out, "train.steps=8", "train.checkpoint_every=4"), progress=False)
     assert result.step == 8 and result.losses == ref.losses[4:]

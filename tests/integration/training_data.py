@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from configs import SynthConfig, load_config
+from stages import artifacts
 from stages.preprocess import run_preprocess
 from stages.synth import run_synth
+from tests import ROOT, without_rendezvous
 
 GEOMETRY = ["data.frames=4", "data.height=8", "data.width=8", "data.fps=8", "model.patch_size=[1,4,4]"]
 """Clip geometry of the shards (and of every training config that reads them)."""
@@ -52,3 +59,22 @@ def fixed_eval_loss(cfg, directory: Path | None) -> float:
             drop_text=torch.zeros(x.shape[0], dtype=torch.bool),
         )  # fmt: skip
     return loss.mean().item()
+
+
+def kill_training_after_checkpoint(overrides: list[str], out: Path, checkpoint: int, final: int) -> None:
+    """`pipeline train configs/tiny.yaml OVERRIDES` in a child process (this process's torch threads, so
+    its losses match an in-process run), SIGKILLed with its process group once step `checkpoint` is
+    committed in `out` and before step `final` is."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", "configs/tiny.yaml", *overrides, "--quiet"],
+        cwd=ROOT,
+        env={**without_rendezvous(), "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        start_new_session=True,
+    )
+    deadline, marker = time.monotonic() + 300, artifacts.step_dir(out, checkpoint) / artifacts.MARKER
+    while not marker.exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (artifacts.step_dir(out, final) / artifacts.MARKER).exists(), "the kill should land mid-run"
